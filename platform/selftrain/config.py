@@ -1,0 +1,223 @@
+"""The one typed home for every default, and strict loading of pipeline YAML.
+
+A pipeline file is YAML whose keys mirror `PipelineConfig`; command-line overrides are
+`dotted.key=value` pairs whose values are parsed as YAML scalars (`iterations=3` is an int,
+`data.test=/x` a string). Loading is strict: an unknown key, a wrong type or a value out of
+range raises `ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selftrain.errors import ConfigError
+
+BUILTIN_DATASETS = ("digits", "cifar10", "stl10", "svhn")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the images come from. Either three paths, or a built-in dataset name."""
+
+    labeled: str | None = Field(None, description="folder with one subfolder per class")
+    unlabeled: str | None = Field(
+        None, description="folder tree of images (any nesting), a glob, or Parquet file/folder"
+    )
+    test: str | None = Field(None, description="folder with one subfolder per class")
+    builtin: Literal["digits", "cifar10", "stl10", "svhn"] | None = Field(
+        None, description="used when labeled/unlabeled/test are not given"
+    )
+    cache_dir: str = Field("~/.cache/selftrain", description="where built-in datasets are written")
+    labels_per_class: int = Field(
+        10, ge=1, description="built-in only: labeled images per class; the rest of the "
+        "training split becomes the unlabeled pool"
+    )
+    image_size: int = Field(32, ge=8, le=1024, description="models see image_size x image_size")
+    parquet_image_column: str = Field("image", description="bytes column of a Parquet pool")
+    unlabeled_has_class_folders: bool = Field(
+        False, description="the pool's parent folders are class names: report pseudo-label accuracy"
+    )
+
+    @model_validator(mode="after")
+    def _paths_or_builtin(self) -> DataConfig:
+        given = {k: getattr(self, k) for k in ("labeled", "unlabeled", "test")}
+        if all(given.values()):
+            # The user's folders win; drop the built-in so the logged config says what ran.
+            object.__setattr__(self, "builtin", None)
+        elif any(given.values()):
+            missing = [f"data.{k}" for k, v in given.items() if not v]
+            raise ValueError(f"{', '.join(missing)} must be set too when one data path is given")
+        elif self.builtin is None:
+            raise ValueError(
+                "set data.labeled, data.unlabeled and data.test, or data.builtin "
+                f"(one of {', '.join(BUILTIN_DATASETS)})"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    teacher: str = Field("resnet18", description="torchvision architecture of the first teacher")
+    students: list[str] = Field(
+        default_factory=lambda: ["resnet18"],
+        min_length=1,
+        description="student i uses students[i-1] (the last one repeats); each must be at least "
+        "as large as the model before it",
+    )
+
+    def student(self, iteration: int) -> str:
+        return self.students[min(iteration, len(self.students)) - 1]
+
+
+class NoiseConfig(_Strict):
+    """The student's noise (Noisy Student, Xie et al. 2020, Sec. 2): input and model noise."""
+
+    randaugment_num_ops: int = Field(2, ge=0, le=10)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="before the classifier")
+    stochastic_depth: float = Field(
+        0.2, ge=0.0, lt=1.0, description="drop probability of the last block (linear decay)"
+    )
+    horizontal_flip: bool = Field(True, description="off for digits and text")
+
+
+class TrainConfig(_Strict):
+    teacher_epochs: int = Field(30, ge=1)
+    student_epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    teacher_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
+    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's shuffle buffer")
+    checkpoint_every: int = Field(5, ge=1, description="epochs between checkpoints (and the last)")
+
+
+class PseudoLabelConfig(_Strict):
+    threshold: float = Field(0.5, ge=0.0, lt=1.0, description="keep teacher confidence >= this")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="soft target = softmax(z/T)")
+    soft: bool = Field(True, description="soft targets; false: one-hot of the argmax")
+    balance: bool = Field(True, description="top-k per class, duplicating short classes")
+    per_class: int | None = Field(
+        None, ge=1, description="k for balancing; default: the median kept count per class"
+    )
+
+
+class ScoringConfig(_Strict):
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1, description="inference actors (one GPU each on GPU nodes)")
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    amp: bool = Field(True, description="bfloat16 autocast on GPU")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU")
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("selftrain", min_length=1, description="MLflow experiment name")
+    iterations: int = Field(2, ge=1, description="number of students, each the next teacher")
+    seed: int = 0
+    output_dir: str = "runs/selftrain"
+    data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is already set to a value")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {error['msg']}{shown}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    return ", ".join(model.model_fields)
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            line = _describe(err)
+            if err["type"] == "extra_forbidden":
+                line += f"; allowed: {_allowed_keys(err['loc'])}"
+            lines.append(line)
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    return build_config(_merge(raw, parse_overrides(overrides or [])), source=str(path))
+
+
+def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two config dumps: `key: old -> new`."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_configs(a, b, prefix=f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,50 @@
+"""Input noise and model-input preparation (torchvision transforms v2, no Ray, no MLflow).
+
+Images travel between stages as uint8 NHWC arrays (compact, what decoding produces); the model
+sees float NCHW normalised on its own device by `to_model_input`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from selftrain.config import NoiseConfig
+
+# ImageNet statistics: the convention of torchvision's models; fine for training from scratch.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(image_size: int, noise: NoiseConfig, randaugment: bool) -> v2.Compose:
+    """Random crop (+flip) for everyone; RandAugment on top for a noised student.
+
+    Noisy Student (Xie et al. 2020, Sec. 2) noises the student's input with RandAugment; the
+    teacher is trained with the standard light augmentation here, and scores un-noised.
+    """
+    ops: list[v2.Transform] = [v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect")]
+    if noise.horizontal_flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if randaugment and noise.randaugment_num_ops > 0:
+        ops.append(v2.RandAugment(num_ops=noise.randaugment_num_ops, magnitude=noise.randaugment_magnitude))
+    return v2.Compose(ops)
+
+
+def augment_images(images: np.ndarray, transform: v2.Transform) -> np.ndarray:
+    """uint8 NHWC -> augmented uint8 NCHW; each image gets its own random ops."""
+    chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return torch.stack([transform(image) for image in chw]).numpy()
+
+
+def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW (or NHWC numpy-born, see `nhwc`) -> normalised float NCHW."""
+    x = images.float().div_(255.0)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def nhwc_to_nchw(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 3, 1, 2)

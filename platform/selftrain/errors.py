@@ -1,0 +1,24 @@
+"""User-facing errors: each names the bad thing (key, path, value) and what to do about it.
+
+The CLI prints these as one clear message without a traceback; anything else is a bug.
+"""
+
+
+class SelftrainError(Exception):
+    """Base class of errors caused by the user's input or data, not by our code."""
+
+
+class ConfigError(SelftrainError):
+    """A pipeline file or override is invalid."""
+
+
+class DataError(SelftrainError):
+    """A data path, folder layout or image set cannot be used."""
+
+
+class PseudoLabelError(SelftrainError):
+    """Pseudo-labelling produced nothing worth training on."""
+
+
+class TrainingError(SelftrainError):
+    """Training diverged (NaN/inf loss) or failed."""

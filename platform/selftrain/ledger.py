@@ -1,0 +1,60 @@
+"""`<output_dir>/state.json`: which stages finished, with their results, for resuming.
+
+Re-running a pipeline with the same `output_dir` skips every recorded stage; a stage that did
+not record its result is redone from scratch (its partial outputs are cleared by the caller).
+A different config in the same directory is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from selftrain.config import PipelineConfig, diff_configs
+from selftrain.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Ledger:
+    def __init__(self, output_dir: Path, config: PipelineConfig):
+        self.path = output_dir / "state.json"
+        resolved = config.model_dump()
+        resolved.pop("output_dir")  # the same directory may be spelled differently
+        if self.path.exists():
+            self.state = json.loads(self.path.read_text())
+            changes = diff_configs(self.state["config"], resolved)
+            if changes:
+                raise ConfigError(
+                    f"{output_dir} holds a run with a different config; use a new output_dir or "
+                    "the same config to resume. Differences (stored -> now):\n  " + "\n  ".join(changes)
+                )
+        else:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.state = {"config": resolved, "records": {}}
+            self._save()
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.state["records"])
+
+    def get(self, key: str) -> Any:
+        return self.state["records"].get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.state["records"][key] = value
+        self._save()
+
+    def stage(self, key: str, compute: Callable[[], T]) -> T:
+        """The recorded result of `key`, or `compute()` recorded now."""
+        if key not in self.state["records"]:
+            self.put(key, compute())
+        return self.state["records"][key]
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        os.replace(tmp, self.path)  # atomic: a crash never leaves half a ledger

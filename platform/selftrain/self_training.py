@@ -1,0 +1,208 @@
+"""The outer loop: Noisy Student self-training (Xie et al. 2020, Algorithm 1), iterated.
+
+    teacher <- train(labeled)
+    repeat `iterations` times:
+        scores  <- teacher scores the unlabeled pool (un-noised)
+        pseudo  <- threshold / balance / soften the scores
+        student <- train a noised, equal-or-larger model on labeled + pseudo
+        teacher <- student
+
+Every step is recorded in the ledger (`state.json`) so a re-run resumes where it stopped, and
+in MLflow: one parent run per pipeline, one child run per trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from selftrain.config import PipelineConfig
+from selftrain.data.builtin import DataPaths, materialize_builtin
+from selftrain.data.folders import LabeledSets, load_labeled_sets
+from selftrain.data.pool import read_pool
+from selftrain.ledger import Ledger
+from selftrain.models.registry import check_student_sizes
+from selftrain.stages.evaluate import evaluate
+from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, stats_record
+from selftrain.stages.score import score_pool
+from selftrain.stages.train import train_model, training_dataset
+from selftrain.tracking import Tracker
+
+
+@dataclass
+class _Run:
+    cfg: PipelineConfig
+    out: Path
+    ledger: Ledger
+    tracker: Tracker
+    parent_id: str
+    paths: DataPaths
+    sets: LabeledSets
+    say: Callable[[str], None]
+    open_runs: list[str] = field(default_factory=list)
+
+    def seed(self, iteration: int) -> int:
+        return self.cfg.seed * 1000 + iteration
+
+
+def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    out = Path(cfg.output_dir).expanduser().resolve()
+    ledger = Ledger(out, cfg)
+    tracker = Tracker(cfg.name)
+    parent_id = ledger.get("mlflow_run_id")
+    if parent_id:
+        say(f"resuming {out} (MLflow run {parent_id})")
+        tracker.reopen(parent_id)
+    else:
+        parent_id = tracker.start_run(out.name, tags={"selftrain.output_dir": str(out)})
+        ledger.put("mlflow_run_id", parent_id)
+    open_runs = [parent_id]
+    with tracker.terminating(open_runs):
+        tracker.log_params(parent_id, cfg.model_dump())
+        paths = _data_paths(cfg)
+        sets = load_labeled_sets(paths.labeled, paths.test, cfg.data.image_size)
+        check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
+        run = _Run(cfg, out, ledger, tracker, parent_id, paths, sets, say, open_runs)
+        say(f"{len(sets.classes)} classes, {len(sets.labeled)} labeled, {len(sets.test)} test images; "
+            f"pool: {paths.unlabeled}")
+
+        teacher = _train(run, iteration=0, arch=cfg.model.teacher, pseudo=None)
+        results = [teacher]
+        for iteration in range(1, cfg.iterations + 1):
+            scores = _score_pool(run, iteration, teacher)
+            pseudo = _pseudo_label(run, iteration, teacher, scores)
+            student = _train(run, iteration, cfg.model.student(iteration), pseudo)
+            results.append(student)
+            teacher = student
+
+        summary = _summarize(run, results)
+        tracker.log_metrics(parent_id, {"eval/final_accuracy": summary["final_test_accuracy"],
+                                        "eval/teacher_accuracy": results[0]["test_accuracy"]})
+        tracker.log_json(parent_id, cfg.model_dump(), "config.json")
+        tracker.log_artifact(parent_id, out / "summary.json")
+        tracker.finish(parent_id)
+    return summary
+
+
+def _data_paths(cfg: PipelineConfig) -> DataPaths:
+    data = cfg.data
+    if data.builtin:
+        return materialize_builtin(data.builtin, data.cache_dir, data.labels_per_class, cfg.seed)
+    return DataPaths(data.labeled, data.unlabeled, data.test, data.unlabeled_has_class_folders)
+
+
+def _fresh(directory: Path) -> Path:
+    """An empty directory: clears what an interrupted attempt at this stage left behind."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def _score_pool(run: _Run, iteration: int, teacher: dict[str, Any]) -> str:
+    def compute() -> str:
+        run.say(f"[iteration {iteration}] teacher {teacher['model']} scores the pool")
+        classes = run.sets.classes if run.paths.pool_has_class_folders else None
+        pool = read_pool(run.paths.unlabeled, run.cfg.data.parquet_image_column, classes)
+        return score_pool(pool, teacher["model_dir"], run.cfg.scoring, run.cfg.data.image_size,
+                          _fresh(run.out / f"iter{iteration}" / "scoring"))
+
+    return run.ledger.stage(f"iter{iteration}/scores", compute)
+
+
+def _pseudo_label(run: _Run, iteration: int, teacher: dict[str, Any], scores: str) -> dict[str, Any]:
+    def compute() -> dict[str, Any]:
+        cfg = run.cfg.pseudo_label
+        meta = {"teacher_id": teacher["mlflow_run_id"], "teacher_model": teacher["model"],
+                "iteration": iteration, "threshold": cfg.threshold, "temperature": cfg.temperature}
+        directory, stats, rows = select_pseudo_labels(
+            scores, cfg, run.sets.classes, _fresh(run.out / f"iter{iteration}" / "labels"),
+            run.seed(iteration), meta)
+        run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "
+                f"τ={cfg.threshold} ({rows} rows after balancing, {len(stats.rejected)} unreadable)")
+        return {"dir": directory, "rows": rows, "kept": stats.kept, "rejected": stats.rejected,
+                "metrics": stats_metrics(stats, rows, run.sets.classes), "stats": stats_record(stats)}
+
+    return run.ledger.stage(f"iter{iteration}/pseudo_labels", compute)
+
+
+def _train(run: _Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) -> dict[str, Any]:
+    """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only."""
+    key = f"iter{iteration}"
+    if run.ledger.get(f"{key}/result"):
+        return run.ledger.get(f"{key}/result")
+    role = "teacher" if iteration == 0 else "student"
+    child = run.ledger.get(f"{key}/mlflow_run_id")
+    if child:
+        run.tracker.reopen(child)
+    else:
+        child = run.tracker.start_run(f"{key}-{role}-{arch}", parent_id=run.parent_id,
+                                      tags={"selftrain.iteration": str(iteration), "selftrain.role": role})
+        run.ledger.put(f"{key}/mlflow_run_id", child)
+    run.open_runs.append(child)
+    cfg, classes = run.cfg, run.sets.classes
+    run.tracker.log_params(child, {"role": role, "arch": arch, "iteration": iteration,
+                                   "labeled_rows": len(run.sets.labeled),
+                                   "pseudo_rows": pseudo["rows"] if pseudo else 0})
+    if pseudo:
+        run.tracker.log_metrics(child, pseudo["metrics"])
+
+    rows = len(run.sets.labeled) + (pseudo["rows"] if pseudo else 0)
+    run.say(f"[iteration {iteration}] training {role} {arch} on {rows} images "
+            f"({len(run.sets.labeled)} labeled + {rows - len(run.sets.labeled)} pseudo-labeled)")
+    dataset = training_dataset(cfg, run.sets.labeled, len(classes), pseudo["dir"] if pseudo else None,
+                               randaugment=pseudo is not None)
+    spec = {"num_classes": len(classes), "classes": classes, "image_size": cfg.data.image_size}
+    trained = train_model(cfg, f"{key}-{role}", arch, dataset, rows, spec, student=pseudo is not None,
+                          out_dir=run.out / key, seed=run.seed(iteration))
+    for epoch in trained.history:
+        run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
+
+    result = evaluate(run.sets.test, trained.model_dir, cfg.scoring, cfg.data.image_size, len(classes))
+    run.say(f"[iteration {iteration}] {role} {arch}: test accuracy {result.accuracy:.4f}")
+    run.tracker.log_metrics(child, {"eval/accuracy": result.accuracy, "eval/test_images": result.count})
+    run.tracker.log_json(child, {"classes": classes, "matrix": result.confusion.tolist()}, "confusion_matrix.json")
+    run.tracker.log_json(child, cfg.model_dump(), "config.json")
+    run.tracker.log_artifact(child, trained.model_dir, "model")
+    run.tracker.finish(child)
+    record = {"iteration": iteration, "role": role, "model": arch, "test_accuracy": result.accuracy,
+              "pseudo_labels_kept": pseudo["kept"] if pseudo else 0,
+              "pseudo_label_accuracy": pseudo["metrics"].get("pseudo/accuracy") if pseudo else None,
+              "train_rows": rows, "mlflow_run_id": child, "model_dir": trained.model_dir,
+              "pseudo_labels": pseudo["dir"] if pseudo else None}
+    run.ledger.put(f"{key}/result", record)
+    return record
+
+
+def _summarize(run: _Run, results: list[dict[str, Any]]) -> dict[str, Any]:
+    rejected = {r["path"]: r["reason"] for r in run.sets.rejected.to_dict("records")}
+    for iteration in range(1, run.cfg.iterations + 1):
+        for r in run.ledger.get(f"iter{iteration}/pseudo_labels")["rejected"]:
+            rejected[r["path"]] = r["reason"]
+    summary = {
+        "mlflow_run_id": run.parent_id,
+        "tracking_uri": run.tracker.uri,
+        "experiment": run.cfg.name,
+        "classes": run.sets.classes,
+        "teacher_test_accuracy": results[0]["test_accuracy"],
+        "final_test_accuracy": results[-1]["test_accuracy"],
+        "teacher_scoring_passes": run.cfg.iterations,
+        "iterations": results,
+        "rejected": [{"path": p, "reason": r} for p, r in sorted(rejected.items())],
+    }
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    table = pd.DataFrame(summary["iterations"])[
+        ["iteration", "role", "model", "train_rows", "pseudo_labels_kept", "pseudo_label_accuracy", "test_accuracy"]]
+    gain = summary["final_test_accuracy"] - summary["teacher_test_accuracy"]
+    return (f"{table.to_string(index=False, float_format=lambda v: f'{v:.4f}')}\n"
+            f"final student vs teacher: {gain * 100:+.1f} points of test accuracy "
+            f"({len(summary['rejected'])} unreadable files skipped; MLflow run {summary['mlflow_run_id']})")

@@ -1,0 +1,165 @@
+"""Pseudo-labels from the scored pool: threshold τ, temperature T, per-class balancing.
+
+Reads the teacher's scores (Parquet), keeps rows with confidence >= τ, balances classes to k
+rows each (Noisy Student, Sec. 3.1), computes targets softmax(z/T) (or one-hot), and writes
+`pseudo_labels/` as Parquet. Statistics come from one streaming pass; nothing scales with the
+pool on the driver except the list of unreadable files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray.data
+
+from selftrain.config import PseudoLabelConfig
+from selftrain.errors import PseudoLabelError
+from selftrain.methods.pseudo_label import balance_class, default_per_class, targets
+
+BINS = 100  # confidence histogram resolution: quantiles are exact to 0.01
+
+
+@dataclass
+class PoolStats:
+    scored: int = 0
+    kept_per_class: list[int] = field(default_factory=list)
+    kept_correct: int = 0  # kept rows whose known true label equals the pseudo-label
+    kept_with_truth: int = 0
+    histogram_kept: list[int] = field(default_factory=lambda: [0] * BINS)
+    histogram_dropped: list[int] = field(default_factory=lambda: [0] * BINS)
+    rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason
+
+    @property
+    def kept(self) -> int:
+        return int(sum(self.kept_per_class))
+
+    def confidence_quantile(self, q: float) -> float:
+        counts = np.add(self.histogram_kept, self.histogram_dropped)
+        if counts.sum() == 0:
+            return float("nan")
+        index = int(np.searchsorted(np.cumsum(counts), q * counts.sum()))
+        return (min(index, BINS - 1) + 1) / BINS  # upper edge of the bin holding quantile q
+
+
+def _batch_stats(batch: pd.DataFrame, threshold: float, num_classes: int) -> pd.DataFrame:
+    bad = batch["error"] != ""
+    good = batch[~bad]
+    kept = good["confidence"] >= threshold
+    bins = np.linspace(0.0, 1.0, BINS + 1)
+    truth = good["label"] >= 0
+    return pd.DataFrame([{
+        "scored": len(good),
+        "kept_per_class": np.bincount(good["prediction"][kept], minlength=num_classes).tolist(),
+        "kept_correct": int(((good["prediction"] == good["label"]) & kept & truth).sum()),
+        "kept_with_truth": int((kept & truth).sum()),
+        "histogram_kept": np.histogram(good["confidence"][kept], bins)[0].tolist(),
+        "histogram_dropped": np.histogram(good["confidence"][~kept], bins)[0].tolist(),
+        "rejected": [{"path": p, "reason": r} for p, r in zip(batch["path"][bad], batch["error"][bad])],
+    }])
+
+
+def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int) -> PoolStats:
+    stats = PoolStats(kept_per_class=[0] * num_classes)
+    columns = ["path", "label", "error", "prediction", "confidence"]
+    parts = scores.select_columns(columns).map_batches(
+        _batch_stats, batch_format="pandas", fn_kwargs={"threshold": threshold, "num_classes": num_classes}
+    )
+    for part in parts.iter_rows():  # one small row per block
+        stats.scored += int(part["scored"])
+        stats.kept_correct += int(part["kept_correct"])
+        stats.kept_with_truth += int(part["kept_with_truth"])
+        for name in ("kept_per_class", "histogram_kept", "histogram_dropped"):
+            setattr(stats, name, np.add(getattr(stats, name), part[name]).astype(int).tolist())
+        stats.rejected += list(part["rejected"])
+    return stats
+
+
+def _keep(batch: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    return batch[(batch["error"] == "") & (batch["confidence"] >= threshold)]
+
+
+def _balance(group: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
+    return balance_class(group, k, seed + int(group["prediction"].iloc[0]))
+
+
+def _to_pseudo_labels(batch: pd.DataFrame, cfg: PseudoLabelConfig, meta: dict[str, Any]) -> pd.DataFrame:
+    logits = np.stack(batch["logits"].to_numpy())
+    return pd.DataFrame({
+        "path": batch["path"].to_numpy(),
+        "pseudo_label": batch["prediction"].to_numpy(),
+        "confidence": batch["confidence"].to_numpy(),
+        "soft_target": list(targets(logits, cfg.temperature, cfg.soft)),
+        "true_label": batch["label"].to_numpy(),
+        **{key: [value] * len(batch) for key, value in meta.items()},
+    })
+
+
+def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -> None:
+    """Stop before training on nothing, saying why (scores stay on disk for another τ)."""
+    if stats.scored == 0:
+        raise PseudoLabelError(
+            f"no pool image could be scored ({len(stats.rejected)} unreadable); see 'rejected'"
+        )
+    if stats.kept == 0:
+        top = max((i for i, c in enumerate(np.add(stats.histogram_kept, stats.histogram_dropped)) if c), default=0)
+        raise PseudoLabelError(
+            f"pseudo_label.threshold={cfg.threshold} keeps 0 of {stats.scored} pool images "
+            f"(the teacher's highest confidence is below {(top + 1) / BINS:.2f}); lower the threshold"
+        )
+    present = [classes[i] for i, n in enumerate(stats.kept_per_class) if n > 0]
+    if len(present) < 2:
+        raise PseudoLabelError(
+            f"pseudo-labels collapsed onto one class ({present[0]!r}: all {stats.kept} kept images); "
+            f"a student trained on them learns nothing. Lower pseudo_label.threshold "
+            f"(now {cfg.threshold}) or train a better teacher (more train.teacher_epochs or labels)"
+        )
+
+
+def select_pseudo_labels(
+    scores_dir: str, cfg: PseudoLabelConfig, classes: list[str], out_dir: Path, seed: int,
+    meta: dict[str, Any],
+) -> tuple[str, PoolStats, int]:
+    """Write `out_dir/pseudo_labels/`; return its path, the pool stats and the rows written."""
+    scores = ray.data.read_parquet(scores_dir)
+    stats = pool_stats(scores, cfg.threshold, len(classes))
+    check_usable(stats, cfg, classes)
+    kept = scores.map_batches(_keep, batch_format="pandas", fn_kwargs={"threshold": cfg.threshold})
+    rows = stats.kept
+    if cfg.balance:
+        k = cfg.per_class or default_per_class(pd.Series(stats.kept_per_class))
+        kept = kept.groupby("prediction").map_groups(_balance, batch_format="pandas",
+                                                      fn_kwargs={"k": k, "seed": seed})
+        rows = k * sum(1 for n in stats.kept_per_class if n > 0)
+    labels = kept.map_batches(_to_pseudo_labels, batch_format="pandas",
+                              fn_kwargs={"cfg": cfg, "meta": meta})
+    target = out_dir / "pseudo_labels"
+    labels.write_parquet(str(target))
+    return str(target), stats, rows
+
+
+def stats_metrics(stats: PoolStats, rows: int, classes: list[str]) -> dict[str, float]:
+    """Namespaced MLflow metrics for one pseudo-labelling pass."""
+    metrics = {
+        "pseudo/scored": stats.scored,
+        "pseudo/kept": stats.kept,
+        "pseudo/kept_fraction": stats.kept / stats.scored if stats.scored else 0.0,
+        "pseudo/rows_after_balance": rows,
+        "pseudo/rejected": len(stats.rejected),
+    }
+    for q in (0.1, 0.5, 0.9):
+        metrics[f"pseudo/confidence_p{int(q * 100)}"] = stats.confidence_quantile(q)
+    for name, count in zip(classes, stats.kept_per_class):
+        metrics[f"pseudo/kept_class_{name}"] = count
+    if stats.kept_with_truth:
+        metrics["pseudo/accuracy"] = stats.kept_correct / stats.kept_with_truth
+    return metrics
+
+
+def stats_record(stats: PoolStats) -> dict[str, Any]:
+    record = asdict(stats)
+    record.pop("rejected")
+    return record

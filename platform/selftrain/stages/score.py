@@ -1,0 +1,89 @@
+"""Teacher inference with Ray Data: decode on CPU tasks, score in an actor pool, stream out.
+
+Used for the unlabeled pool (written as Parquet, never collected on the driver) and for the
+test set. The teacher runs un-noised (eval mode, no augmentation), as Noisy Student requires
+(Xie et al. 2020, Sec. 2: "the teacher is not noised ... so the pseudo labels are accurate").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from ray.data import ActorPoolStrategy
+
+from selftrain.config import ScoringConfig
+from selftrain.data.augment import nhwc_to_nchw, to_model_input
+from selftrain.data.decode import decode_batch, load_batch
+from selftrain.methods.pseudo_label import confidence
+from selftrain.training.loop import load_model
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def wants_gpu(setting: bool | str) -> bool:
+    return cluster_has_gpus() if setting == "auto" else bool(setting)
+
+
+class TeacherScorer:
+    """Callable class for `map_batches`: one model per actor, loaded once."""
+
+    def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model, self.spec = load_model(model_dir)
+        self.on_gpu = self.device.type == "cuda"
+        self.channels_last = channels_last and self.on_gpu
+        self.amp = amp and self.on_gpu
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ok = batch["error"] == ""
+        logits = np.zeros((len(ok), self.spec["num_classes"]), dtype=np.float32)
+        if ok.any():
+            images = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
+            x = to_model_input(nhwc_to_nchw(images), channels_last=self.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits[ok] = self.model(x).float().cpu().numpy()
+        prediction, conf = confidence(logits)
+        prediction[~ok], conf[~ok] = -1, 0.0
+        out = {key: value for key, value in batch.items() if key != "image"}
+        out.update(logits=logits, prediction=prediction.astype(np.int64), confidence=conf.astype(np.float32))
+        return out
+
+
+def score(
+    rows: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int,
+    from_paths: bool, parquet_column: str = "image",
+) -> ray.data.Dataset:
+    """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`."""
+    if from_paths:
+        decoded = rows.map_batches(load_batch, fn_kwargs={"size": image_size, "parquet_column": parquet_column},
+                                   batch_size=64, num_cpus=0.5)
+    else:
+        decoded = rows.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=64, num_cpus=0.5)
+    use_gpu = wants_gpu(cfg.use_gpu)
+    return decoded.map_batches(
+        TeacherScorer,
+        fn_constructor_kwargs={"model_dir": model_dir, "use_gpu": use_gpu, "amp": cfg.amp,
+                               "channels_last": cfg.channels_last},
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=cfg.cpus_per_actor,
+    )
+
+
+def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int, out_dir: Path) -> str:
+    """Score every pool image and write `{path, label, error, logits, prediction, confidence}`."""
+    scores_dir = out_dir / "scores"
+    score(pool, model_dir, cfg, image_size, from_paths=False).write_parquet(str(scores_dir))
+    return str(scores_dir)

@@ -1,0 +1,105 @@
+"""Train one model (teacher or student) with Ray Train on labeled (+ pseudo-labeled) data.
+
+Decoding and augmentation run as Ray Data tasks on CPU and stream into the workers' shards
+(`get_dataset_shard`), re-run every epoch so each epoch sees fresh RandAugment noise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train.torch import TorchTrainer
+
+from selftrain.config import NoiseConfig, PipelineConfig
+from selftrain.data.augment import augment_images, train_transform
+from selftrain.data.decode import load_batch
+from selftrain.errors import TrainingError
+from selftrain.stages.score import wants_gpu
+from selftrain.training.loop import HISTORY_FILE, MODEL_FILE, SPEC_FILE, train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model_dir: str
+    history: list[dict[str, float]]
+
+
+def _prepare(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: bool,
+             target_column: str, parquet_column: str) -> dict[str, Any]:
+    """`{path, <target_column>}` -> `{image: uint8 NCHW augmented, target: float32 N x C}`."""
+    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
+    ok = loaded["error"] == ""  # validated earlier; a file that vanished since is skipped
+    transform = train_transform(size, noise, randaugment)
+    return {"image": augment_images(loaded["image"][ok], transform),
+            "target": np.stack(list(batch[target_column]))[ok].astype(np.float32)}
+
+
+def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: int,
+                     pseudo_dir: str | None, randaugment: bool) -> ray.data.Dataset:
+    """Labeled rows (one-hot targets) + pseudo-labeled rows (teacher targets), prepared lazily."""
+    prepare = {"size": cfg.data.image_size, "noise": cfg.noise, "randaugment": randaugment,
+               "parquet_column": cfg.data.parquet_image_column}
+    one_hot = np.eye(num_classes, dtype=np.float32)[labeled["label"].to_numpy()]
+    labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "target": list(one_hot)}))
+    dataset = labeled_rows.map_batches(_prepare, fn_kwargs={**prepare, "target_column": "target"},
+                                       batch_size=64, num_cpus=0.5)
+    if pseudo_dir:
+        pseudo = ray.data.read_parquet(pseudo_dir, columns=["path", "soft_target"])
+        dataset = dataset.union(pseudo.map_batches(
+            _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=0.5))
+    return dataset.randomize_block_order(seed=cfg.seed)
+
+
+def _training_error(exc: TrainingFailedError) -> TrainingError | None:
+    """Our own TrainingError raised in a worker, unwrapped for a one-line message."""
+    text = str(exc)
+    marker = "TrainingError: "
+    if marker in text:
+        return TrainingError(text.split(marker, 1)[1].splitlines()[0])
+    return None
+
+
+def train_model(
+    cfg: PipelineConfig, name: str, arch: str, dataset: ray.data.Dataset, rows: int,
+    spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
+) -> TrainedModel:
+    """Fit `arch` and copy the final model to `out_dir/model`. Re-running resumes the same
+    Ray Train run (same name and storage) from its last committed checkpoint."""
+    dropout = cfg.noise.dropout if student else cfg.train.teacher_dropout
+    loop_config = {
+        **spec, "arch": arch, "method": "noisy_student", "rows": rows, "seed": seed,
+        "epochs": cfg.train.student_epochs if student else cfg.train.teacher_epochs,
+        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
+        "dropout": dropout, "stochastic_depth": cfg.noise.stochastic_depth if student else 0.0,
+        "shuffle_buffer": cfg.train.shuffle_buffer, "amp": cfg.scoring.amp,
+        "checkpoint_every": cfg.train.checkpoint_every,
+    }
+    use_gpu = wants_gpu(cfg.train.use_gpu)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str((out_dir.parent / "ray_train").resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=0)),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise (_training_error(exc) or exc) from None
+    model_dir = out_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as checkpoint:
+        for file in (MODEL_FILE, SPEC_FILE, HISTORY_FILE):
+            shutil.copy2(Path(checkpoint) / file, model_dir / file)
+    return TrainedModel(str(model_dir), json.loads((model_dir / HISTORY_FILE).read_text()))

@@ -99,6 +99,14 @@ class TrainConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     cpus_per_worker: float = Field(1.0, gt=0.0)
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
+    amp: bool = Field(True, description="bfloat16 autocast on GPU")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker; default: Ray's (floor of cpus_per_worker)"
+    )
+    data_cpus_per_task: float = Field(
+        0.5, gt=0.0, description="CPUs of each Ray Data task feeding training (read, decode, augment); "
+        "must fit beside the workers, or the data tasks wait forever"
+    )
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's shuffle buffer")
     checkpoint_every: int = Field(5, ge=1, description="epochs between checkpoints (and the last)")
 

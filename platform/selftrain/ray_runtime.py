@@ -14,6 +14,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     import ray
     import ray.data
 
+    if ray.is_initialized():  # e.g. the CLI called in-process by a test that shares one Ray
+        return
     if os.environ.get("RAY_ADDRESS"):
         # Submitted as a Ray job (or pointed at a cluster): join that cluster, never a new one.
         ray.init(address=os.environ["RAY_ADDRESS"])

@@ -45,7 +45,6 @@ class Tracker:
     def __init__(self, experiment: str, uri: str | None = None):
         self.uri = uri or tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        os.environ["MLFLOW_TRACKING_URI"] = self.uri  # Ray workers inherit the driver's store
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)

@@ -47,14 +47,16 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
     """Labeled rows (one-hot targets) + pseudo-labeled rows (teacher targets), prepared lazily."""
     prepare = {"size": cfg.data.image_size, "noise": cfg.noise, "randaugment": randaugment,
                "parquet_column": cfg.data.parquet_image_column}
+    cpus = cfg.train.data_cpus_per_task  # every task, reads too: a 1-CPU read beside the
+    # trainer on a small node never gets scheduled and training waits forever
     one_hot = np.eye(num_classes, dtype=np.float32)[labeled["label"].to_numpy()]
     labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "target": list(one_hot)}))
     dataset = labeled_rows.map_batches(_prepare, fn_kwargs={**prepare, "target_column": "target"},
-                                       batch_size=64, num_cpus=0.5)
+                                       batch_size=64, num_cpus=cpus)
     if pseudo_dir:
-        pseudo = ray.data.read_parquet(pseudo_dir, columns=["path", "soft_target"])
+        pseudo = ray.data.read_parquet(pseudo_dir, columns=["path", "soft_target"], num_cpus=cpus)
         dataset = dataset.union(pseudo.map_batches(
-            _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=0.5))
+            _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
     return dataset.randomize_block_order(seed=cfg.seed)
 
 
@@ -79,8 +81,9 @@ def train_model(
         "epochs": cfg.train.student_epochs if student else cfg.train.teacher_epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
         "dropout": dropout, "stochastic_depth": cfg.noise.stochastic_depth if student else 0.0,
-        "shuffle_buffer": cfg.train.shuffle_buffer, "amp": cfg.scoring.amp,
+        "shuffle_buffer": cfg.train.shuffle_buffer, "amp": cfg.train.amp,
         "checkpoint_every": cfg.train.checkpoint_every,
+        "torch_threads": cfg.train.torch_threads,
     }
     use_gpu = wants_gpu(cfg.train.use_gpu)
     trainer = TorchTrainer(

@@ -1,0 +1,67 @@
+"""Shared fixtures: one local Ray per test session, real image files, a private MLflow store."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (ray.init costs ~5-10 s); stopped by this process."""
+    import ray
+
+    from selftrain.ray_runtime import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The built-in digits written as class folders (5 labels per class), shared read-only."""
+    from selftrain.data.builtin import materialize_builtin
+
+    return materialize_builtin("digits", str(tmp_path_factory.mktemp("cache")), 5, seed=0)
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_corrupt_files(folder: Path) -> dict[str, str]:
+    """Three unreadable 'images' in `folder`; returns {path: what is wrong}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = png_bytes(np.full((8, 8), 128, dtype=np.uint8))
+    files = {
+        folder / "empty.png": b"",
+        folder / "truncated.png": good[: len(good) // 2],
+        folder / "text.jpg": b"this is not an image",
+    }
+    for path, data in files.items():
+        path.write_bytes(data)
+    return {str(p): "corrupt" for p in files}
+
+
+def copy_tree(source: str, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from selftrain.config import PipelineConfig, build_config, diff_configs, load_config, parse_overrides
+from selftrain.errors import ConfigError
+
+from conftest import REPO
+
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+
+
+def test_pipelines_exist():
+    names = {p.name for p in PIPELINES}
+    assert {"quickstart.yaml", "smoke.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_every_pipeline_loads_and_is_headed_by_its_command(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+    assert path.read_text().splitlines()[0] == f"# selftrain run pipelines/{path.name}"
+
+
+def test_overrides_are_yaml_scalars_at_dotted_keys():
+    assert parse_overrides(["iterations=3", "pseudo_label.threshold=0.8", "data.test=/x", "pseudo_label.soft=false"]) == {
+        "iterations": 3, "pseudo_label": {"threshold": 0.8, "soft": False}, "data": {"test": "/x"}}
+
+
+def test_override_changes_loaded_config():
+    cfg = load_config(REPO / "pipelines/quickstart.yaml", ["iterations=3", "pseudo_label.threshold=0.8"])
+    assert (cfg.iterations, cfg.pseudo_label.threshold) == (3, 0.8)
+
+
+@pytest.mark.parametrize("override", ["iterations", "=3", "a..b=1"])
+def test_malformed_override_is_named(override):
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_overrides([override])
+
+
+def test_unknown_key_is_named_with_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config({"pseudo_label": {"treshold": 0.8}})
+    assert "pseudo_label.treshold: unknown key" in str(err.value)
+    assert "allowed: threshold, temperature" in str(err.value)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"iterations": "3"}, "iterations: Input should be a valid integer (got '3')"),
+    ({"iterations": 0}, "iterations: Input should be greater than or equal to 1 (got 0)"),
+    ({"pseudo_label": {"threshold": 1.5}}, "pseudo_label.threshold: Input should be less than 1 (got 1.5)"),
+    ({"pseudo_label": {"temperature": 0}}, "pseudo_label.temperature: Input should be greater than 0"),
+    ({"data": {"builtin": "mnist"}}, "data.builtin: Input should be 'digits', 'cifar10', 'stl10' or 'svhn'"),
+    ({"train": {"use_gpu": "yes"}}, "train.use_gpu"),
+])
+def test_wrong_type_or_range_is_named(raw, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    assert message in str(err.value)
+
+
+def test_own_folders_replace_the_builtin_in_the_resolved_config():
+    cfg = build_config({"data": {"builtin": "digits", "labeled": "/l", "unlabeled": "/u", "test": "/t"}})
+    assert cfg.data.builtin is None and cfg.data.labeled == "/l"
+
+
+def test_partial_data_paths_name_the_missing_ones():
+    with pytest.raises(ConfigError, match=r"data.unlabeled, data.test must be set too"):
+        build_config({"data": {"labeled": "/l"}})
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="pipeline file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_student_for_each_iteration_repeats_the_last():
+    cfg = build_config({"model": {"teacher": "resnet18", "students": ["resnet18", "resnet34"]}})
+    assert [cfg.model.student(i) for i in (1, 2, 3)] == ["resnet18", "resnet34", "resnet34"]
+
+
+def test_diff_configs_names_changed_keys():
+    assert diff_configs({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]

@@ -1,0 +1,120 @@
+"""The smoke pipeline end to end through the CLI, on the shared local Ray and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from selftrain.cli import main
+
+from conftest import REPO, copy_tree, write_corrupt_files
+
+SMOKE = str(REPO / "pipelines" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_session, digits, tmp_path_factory):
+    """Run smoke.yaml once over folders whose pool holds three corrupt files."""
+    root = tmp_path_factory.mktemp("smoke")
+    pool = copy_tree(digits.unlabeled, root / "pool")
+    bad = write_corrupt_files(pool / "4")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    args = [SMOKE, f"output_dir={root / 'run'}", f"data.labeled={digits.labeled}", f"data.unlabeled={pool}",
+            f"data.test={digits.test}", "data.unlabeled_has_class_folders=true"]
+    code = main(["run", *args])
+    yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
+           "summary_path": root / "run" / "summary.json"}
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def _summary(smoke):
+    return json.loads(smoke["summary_path"].read_text())
+
+
+def _runs(smoke):
+    client = smoke["client"]
+    experiment = client.get_experiment_by_name("smoke")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_summary_reports_every_iteration_and_every_unreadable_file(smoke, capsys):
+    assert smoke["code"] == 0
+    summary = _summary(smoke)
+    assert [(e["iteration"], e["role"], e["model"]) for e in summary["iterations"]] == [
+        (0, "teacher", "resnet18"), (1, "student", "resnet18")]
+    teacher, student = summary["iterations"]
+    assert teacher["pseudo_labels_kept"] == 0 and student["pseudo_labels_kept"] == 1297  # τ = 0 keeps all
+    assert 0.0 <= student["pseudo_label_accuracy"] <= 1.0
+    assert summary["final_test_accuracy"] == student["test_accuracy"]
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    assert sorted(r["path"] for r in summary["rejected"]) == sorted(smoke["bad"])
+    assert all(r["reason"] for r in summary["rejected"])
+    labels = pd.read_parquet(student["pseudo_labels"])
+    assert len(labels) == student["train_rows"] - 50 and labels["iteration"].eq(1).all()
+
+
+def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):
+    summary, client = _summary(smoke), smoke["client"]
+    runs = _runs(smoke)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
+    assert [r.info.run_id for r in parent] == [summary["mlflow_run_id"]]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert parent[0].data.params["pseudo_label.threshold"] == "0.0"
+    assert parent[0].data.metrics["eval/final_accuracy"] == pytest.approx(summary["final_test_accuracy"])
+    teacher, student = children
+    assert teacher.data.params["role"] == "teacher" and student.data.params["role"] == "student"
+    assert len(client.get_metric_history(teacher.info.run_id, "train/loss")) == 15  # one per epoch
+    assert student.data.metrics["eval/accuracy"] == pytest.approx(summary["final_test_accuracy"])
+    assert student.data.metrics["pseudo/kept_fraction"] == 1.0
+    assert "pseudo/accuracy" in student.data.metrics and "pseudo/confidence_p50" in student.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
+    assert {"config.json", "confusion_matrix.json", "model"} <= artifacts
+    assert {a.path for a in client.list_artifacts(student.info.run_id, "model")} >= {"model/model.pt", "model/model.json"}
+
+
+def test_rerun_resumes_without_redoing_stages_or_duplicating_runs(smoke, capsys):
+    before = _summary(smoke)
+    assert main(["run", *smoke["args"]]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert _summary(smoke) == before
+    assert len(_runs(smoke)) == 3
+
+
+def test_interrupted_student_is_retrained_in_its_own_mlflow_run(smoke):
+    state_path = smoke["root"] / "run" / "state.json"
+    state = json.loads(state_path.read_text())
+    child = state["records"]["iter1/mlflow_run_id"]
+    del state["records"]["iter1/result"]  # as if the run stopped while training the student
+    state_path.write_text(json.dumps(state))
+    assert main(["run", *smoke["args"]]) == 0
+    assert len(_runs(smoke)) == 3
+    assert smoke["client"].get_run(child).info.status == "FINISHED"
+    assert _summary(smoke)["iterations"][1]["mlflow_run_id"] == child
+
+
+def test_a_different_config_in_the_same_output_dir_is_refused(smoke, capsys):
+    assert main(["run", *smoke["args"], "pseudo_label.threshold=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different config" in err and "pseudo_label.threshold: 0.0 -> 0.3" in err
+
+
+def test_nan_loss_stops_with_a_clear_message_and_a_failed_run(smoke, tmp_path, capsys):
+    args = [SMOKE, f"output_dir={tmp_path / 'nan'}", "train.lr=1e30", "name=smoke-nan",
+            *[a for a in smoke["args"] if a.startswith("data.")]]
+    assert main(["run", *args]) == 2
+    assert "loss became nan" in capsys.readouterr().err.lower()
+    client = smoke["client"]
+    experiment = client.get_experiment_by_name("smoke-nan")
+    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert statuses == {"FAILED"}

@@ -1,0 +1,124 @@
+"""Stages on the shared local CPU Ray, over real image files."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray.data
+
+from selftrain.config import PseudoLabelConfig, ScoringConfig
+from selftrain.data.pool import read_pool
+from selftrain.errors import DataError, PseudoLabelError
+from selftrain.models.registry import build_model
+from selftrain.stages.evaluate import evaluate
+from selftrain.stages.pseudo_label import select_pseudo_labels
+from selftrain.stages.score import score_pool
+from selftrain.training.loop import save_model
+
+from conftest import copy_tree, png_bytes, write_corrupt_files
+
+CLASSES = [str(c) for c in range(10)]
+SCORING = ScoringConfig(batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained but real resnet18 checkpoint (scoring needs a model, not a good one)."""
+    directory = tmp_path_factory.mktemp("model")
+    save_model(directory, build_model("resnet18", 10), {"arch": "resnet18", "num_classes": 10,
+                                                          "classes": CLASSES, "image_size": 16})
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def scored_pool(ray_session, digits, model_dir, tmp_path_factory):
+    """The digits pool plus three corrupt files, scored once for the tests below."""
+    pool = copy_tree(digits.unlabeled, tmp_path_factory.mktemp("pool") / "pool")
+    bad = write_corrupt_files(pool / "7")
+    out = tmp_path_factory.mktemp("scores")
+    scores = score_pool(read_pool(str(pool), "image", CLASSES), model_dir, SCORING, 16, out)
+    return scores, bad, sum(1 for p in pool.rglob("*") if p.is_file())
+
+
+def test_scoring_keeps_every_good_image_and_names_every_bad_one(scored_pool):
+    scores_dir, bad, files = scored_pool
+    table = pd.read_parquet(scores_dir)
+    assert len(table) == files == 1297 + 3
+    errors = table[table["error"] != ""]
+    assert sorted(errors["path"]) == sorted(bad)
+    good = table[table["error"] == ""]
+    assert len(good) == 1297 and (good["prediction"] >= 0).all()
+    assert good["confidence"].between(0.1, 1.0).all()  # at least 1/C for 10 classes
+    assert (good["label"] == good["path"].map(lambda p: int(p.split("/")[-2]))).all()
+
+
+def test_pseudo_labels_balanced_and_written_with_their_provenance(scored_pool, tmp_path):
+    scores_dir, bad, _ = scored_pool
+    cfg = PseudoLabelConfig(threshold=0.0, temperature=2.0, balance=True, per_class=40)
+    meta = {"teacher_id": "run-1", "teacher_model": "resnet18", "iteration": 1, "threshold": 0.0, "temperature": 2.0}
+    directory, stats, rows = select_pseudo_labels(scores_dir, cfg, CLASSES, tmp_path, seed=0, meta=meta)
+    labels = pd.read_parquet(directory)
+    present = [c for c, n in enumerate(stats.kept_per_class) if n > 0]
+    assert stats.scored == 1297 and stats.kept == 1297 and len(stats.rejected) == 3
+    assert sorted(r["path"] for r in stats.rejected) == sorted(bad)
+    assert rows == len(labels) == 40 * len(present)
+    assert labels.groupby("pseudo_label").size().eq(40).all()
+    assert set(labels.columns) >= {"path", "pseudo_label", "confidence", "soft_target", "true_label",
+                                   "teacher_id", "iteration", "threshold", "temperature"}
+    soft = np.stack(labels["soft_target"].to_numpy())
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-5)
+    assert (labels["teacher_id"] == "run-1").all() and (labels["temperature"] == 2.0).all()
+
+
+def test_a_threshold_that_keeps_nothing_stops_with_the_reason(scored_pool, tmp_path):
+    cfg = PseudoLabelConfig(threshold=0.99)
+    with pytest.raises(PseudoLabelError, match=r"threshold=0.99 keeps 0 of 1297 pool images"):
+        select_pseudo_labels(scored_pool[0], cfg, CLASSES, tmp_path, seed=0, meta={})
+    assert not (tmp_path / "pseudo_labels").exists()
+
+
+def test_pseudo_labels_collapsed_onto_one_class_stop(tmp_path, ray_session):
+    logits = np.zeros((20, 3), dtype=np.float32)
+    logits[:, 1] = 5.0
+    table = pd.DataFrame({"path": [f"p{i}" for i in range(20)], "label": -1, "error": "",
+                          "logits": list(logits), "prediction": 1, "confidence": 0.98})
+    pq.write_table(pa.Table.from_pandas(table), tmp_path / "scores.parquet")
+    with pytest.raises(PseudoLabelError, match=r"collapsed onto one class \('b': all 20 kept images\)"):
+        select_pseudo_labels(str(tmp_path / "scores.parquet"), PseudoLabelConfig(), ["a", "b", "c"],
+                             tmp_path, seed=0, meta={})
+
+
+def test_parquet_pool_rows_are_addressed_by_file_and_row(ray_session, tmp_path, model_dir):
+    images = [png_bytes(np.full((8, 8), v, np.uint8)) for v in (0, 100, 200)] + [b"broken"]
+    pq.write_table(pa.table({"img": images}), tmp_path / "pool.parquet")
+    with pytest.raises(DataError, match=r"has no column 'image' \(columns: img\)"):
+        read_pool(str(tmp_path / "pool.parquet"), "image", None)
+    scores = score_pool(read_pool(str(tmp_path / "pool.parquet"), "img", None), model_dir, SCORING, 16, tmp_path)
+    table = pd.read_parquet(scores).sort_values("path")
+    assert table["path"].tolist() == [f"{tmp_path / 'pool.parquet'}#row={i}" for i in range(4)]
+    assert (table["error"] != "").tolist() == [False, False, False, True]
+    assert (table["label"] == -1).all()
+
+
+def test_glob_pool_and_bad_pool_paths(ray_session, digits, tmp_path):
+    pool = read_pool(f"{digits.unlabeled}/3/*.png", "image", CLASSES)
+    labels = pool.select_columns(["label"]).to_pandas()["label"]
+    assert len(labels) > 100 and (labels == 3).all()
+    with pytest.raises(DataError, match="matches no image files"):
+        read_pool(f"{tmp_path}/*.png", "image", None)
+    with pytest.raises(DataError, match="path does not exist"):
+        read_pool(str(tmp_path / "missing"), "image", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        read_pool(str(tmp_path / "empty"), "image", None)
+
+
+def test_evaluation_confusion_matrix_counts_every_test_image(ray_session, digits, model_dir):
+    from selftrain.data.folders import index_class_folders
+
+    test = index_class_folders(digits.test, CLASSES, "test")
+    result = evaluate(test, model_dir, SCORING, 16, 10)
+    assert result.count == 450 == result.confusion.sum()
+    assert result.confusion.sum(axis=1).tolist() == np.bincount(test["label"], minlength=10).tolist()
+    assert result.accuracy == pytest.approx(np.trace(result.confusion) / 450)

@@ -27,6 +27,14 @@ def test_overrides_are_yaml_scalars_at_dotted_keys():
         "iterations": 3, "pseudo_label": {"threshold": 0.8, "soft": False}, "data": {"test": "/x"}}
 
 
+def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path):
+    assert parse_overrides(["train.lr=1e-3", "train.weight_decay=5E+4", "seed=12"]) == {
+        "train": {"lr": 0.001, "weight_decay": 50000.0}, "seed": 12}
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  lr: 2e-2\n")
+    assert load_config(path).train.lr == 0.02
+
+
 def test_override_changes_loaded_config():
     cfg = load_config(REPO / "pipelines/quickstart.yaml", ["iterations=3", "pseudo_label.threshold=0.8"])
     assert (cfg.iterations, cfg.pseudo_label.threshold) == (3, 0.8)

@@ -54,7 +54,7 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
     dataset = labeled_rows.map_batches(_prepare, fn_kwargs={**prepare, "target_column": "target"},
                                        batch_size=64, num_cpus=cpus)
     if pseudo_dir:
-        pseudo = ray.data.read_parquet(pseudo_dir, columns=["path", "soft_target"], num_cpus=cpus)
+        pseudo = ray.data.read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
         dataset = dataset.union(pseudo.map_batches(
             _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
     return dataset.randomize_block_order(seed=cfg.seed)

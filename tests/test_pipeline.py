@@ -81,6 +81,10 @@ def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):
     artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
     assert {"config.json", "confusion_matrix.json", "model"} <= artifacts
     assert {a.path for a in client.list_artifacts(student.info.run_id, "model")} >= {"model/model.pt", "model/model.json"}
+    assert {a.path for a in client.list_artifacts(student.info.run_id, "plots")} == {
+        "plots/confusion_matrix.png", "plots/confidence_histogram.png", "plots/pseudo_label_counts.png"}
+    assert {a.path for a in client.list_artifacts(teacher.info.run_id, "plots")} == {"plots/confusion_matrix.png"}
+    assert "plots/accuracy_per_iteration.png" in {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
 
 
 def test_rerun_resumes_without_redoing_stages_or_duplicating_runs(smoke, capsys):

@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from selftrain import plots
 from selftrain.config import PipelineConfig
 from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
@@ -84,6 +85,8 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dic
         summary = _summarize(run, results)
         tracker.log_metrics(parent_id, {"eval/final_accuracy": summary["final_test_accuracy"],
                                         "eval/teacher_accuracy": results[0]["test_accuracy"]})
+        tracker.log_figure(parent_id, plots.accuracy_per_iteration(
+            [r["test_accuracy"] for r in results], [r["model"] for r in results]), "accuracy_per_iteration.png")
         tracker.log_json(parent_id, cfg.model_dump(), "config.json")
         tracker.log_artifact(parent_id, out / "summary.json")
         tracker.finish(parent_id)
@@ -151,6 +154,13 @@ def _train(run: _Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) 
                                    "pseudo_rows": pseudo["rows"] if pseudo else 0})
     if pseudo:
         run.tracker.log_metrics(child, pseudo["metrics"])
+        stats, threshold = pseudo["stats"], cfg.pseudo_label.threshold
+        run.tracker.log_figure(child, plots.confidence_histogram(
+            stats["histogram_kept"], stats["histogram_dropped"], threshold,
+            f"iteration {iteration}: teacher confidence over the pool"), "confidence_histogram.png")
+        run.tracker.log_figure(child, plots.class_counts(
+            stats["kept_per_class"], classes, f"iteration {iteration}: kept pseudo-labels per class"),
+            "pseudo_label_counts.png")
 
     rows = len(run.sets.labeled) + (pseudo["rows"] if pseudo else 0)
     run.say(f"[iteration {iteration}] training {role} {arch} on {rows} images "
@@ -167,6 +177,8 @@ def _train(run: _Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) 
     run.say(f"[iteration {iteration}] {role} {arch}: test accuracy {result.accuracy:.4f}")
     run.tracker.log_metrics(child, {"eval/accuracy": result.accuracy, "eval/test_images": result.count})
     run.tracker.log_json(child, {"classes": classes, "matrix": result.confusion.tolist()}, "confusion_matrix.json")
+    run.tracker.log_figure(child, plots.confusion_matrix(
+        result.confusion, classes, f"{role} {arch}: test accuracy {result.accuracy:.3f}"), "confusion_matrix.png")
     run.tracker.log_json(child, cfg.model_dump(), "config.json")
     run.tracker.log_artifact(child, trained.model_dir, "model")
     run.tracker.finish(child)

@@ -83,6 +83,15 @@ class Tracker:
             target.write_text(json.dumps(data, indent=2, default=str))
             self.client.log_artifact(run_id, str(target))
 
+    def log_figure(self, run_id: str, figure: Any, file_name: str) -> None:
+        """Log a matplotlib figure as `plots/<file_name>` and release it."""
+        from selftrain.plots import close
+
+        try:
+            self.client.log_figure(run_id, figure, f"plots/{file_name}")
+        finally:
+            close(figure)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

@@ -1,0 +1,61 @@
+"""Figures for each run (matplotlib, headless). Pure: arrays in, a Figure out; no MLflow here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes or CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], title: str) -> Figure:
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(classes), 1 + 0.45 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes,
+           yticklabels=classes, xlabel="predicted", ylabel="true", title=title)
+    for (i, j), value in np.ndenumerate(matrix):
+        if value:
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def confidence_histogram(kept: Sequence[int], dropped: Sequence[int], threshold: float, title: str) -> Figure:
+    """The teacher's confidence over the pool; bars right of τ were kept as pseudo-labels."""
+    edges = np.linspace(0.0, 1.0, len(kept) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(edges[:-1], dropped, width=np.diff(edges), align="edge", color="tab:gray", label="dropped")
+    ax.bar(edges[:-1], kept, width=np.diff(edges), align="edge", bottom=dropped, color="tab:blue", label="kept")
+    ax.axvline(threshold, color="tab:red", linestyle="--", label=f"τ = {threshold}")
+    ax.set(xlabel="teacher confidence", ylabel="pool images", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def class_counts(counts: Sequence[int], classes: Sequence[str], title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(classes)), 3.5))
+    ax.bar(range(len(classes)), counts, color="tab:blue")
+    ax.set(xticks=range(len(classes)), xticklabels=classes, xlabel="pseudo-label", ylabel="kept images", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_per_iteration(accuracies: Sequence[float], models: Sequence[str]) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(len(accuracies)), accuracies, marker="o")
+    ax.set(xticks=range(len(accuracies)), xticklabels=[f"{i}\n{m}" for i, m in enumerate(models)],
+           xlabel="iteration (0 = teacher)", ylabel="test accuracy", title="test accuracy per iteration")
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -89,22 +90,37 @@ def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):
 
 def test_rerun_resumes_without_redoing_stages_or_duplicating_runs(smoke, capsys):
     before = _summary(smoke)
+    capsys.readouterr()
     assert main(["run", *smoke["args"]]) == 0
-    assert "resuming" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming" in out and "scores the pool" not in out and "training" not in out
     assert _summary(smoke) == before
     assert len(_runs(smoke)) == 3
 
 
-def test_interrupted_student_is_retrained_in_its_own_mlflow_run(smoke):
+def test_interrupted_student_is_retrained_in_its_own_mlflow_run(smoke, capsys):
     state_path = smoke["root"] / "run" / "state.json"
     state = json.loads(state_path.read_text())
     child = state["records"]["iter1/mlflow_run_id"]
-    del state["records"]["iter1/result"]  # as if the run stopped while training the student
+    # As if the run stopped before the student's first checkpoint: no result, no Ray Train run.
+    del state["records"]["iter1/result"]
     state_path.write_text(json.dumps(state))
+    shutil.rmtree(smoke["root"] / "run" / "ray_train" / "iter1-student")
+    capsys.readouterr()
     assert main(["run", *smoke["args"]]) == 0
+    out = capsys.readouterr().out
+    assert "training student" in out and "training teacher" not in out and "scores the pool" not in out
     assert len(_runs(smoke)) == 3
     assert smoke["client"].get_run(child).info.status == "FINISHED"
+    assert len(smoke["client"].get_metric_history(child, "train/loss")) == 1  # student_epochs, no duplicates
+    assert len(smoke["client"].get_metric_history(child, "eval/accuracy")) == 1
     assert _summary(smoke)["iterations"][1]["mlflow_run_id"] == child
+
+
+def test_another_mlflow_store_for_the_same_output_dir_is_refused(smoke, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert main(["run", *smoke["args"]]) == 2
+    assert "was tracked in MLflow store" in capsys.readouterr().err
 
 
 def test_a_different_config_in_the_same_output_dir_is_refused(smoke, capsys):

@@ -37,10 +37,6 @@ class Ledger:
             self.state = {"config": resolved, "records": {}}
             self._save()
 
-    @property
-    def resumed(self) -> bool:
-        return bool(self.state["records"])
-
     def get(self, key: str) -> Any:
         return self.state["records"].get(key)
 

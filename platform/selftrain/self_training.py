@@ -27,6 +27,7 @@ from selftrain.config import PipelineConfig
 from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
+from selftrain.errors import ConfigError
 from selftrain.ledger import Ledger
 from selftrain.models.registry import check_student_sizes
 from selftrain.stages.evaluate import evaluate
@@ -56,6 +57,13 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dic
     out = Path(cfg.output_dir).expanduser().resolve()
     ledger = Ledger(out, cfg)
     tracker = Tracker(cfg.name)
+    recorded_uri = ledger.get("tracking_uri")
+    if recorded_uri and recorded_uri != tracker.uri:
+        raise ConfigError(
+            f"{out} was tracked in MLflow store {recorded_uri}, but this run would use {tracker.uri}; "
+            "resume from the same directory or set MLFLOW_TRACKING_URI to the recorded store"
+        )
+    ledger.put("tracking_uri", tracker.uri)
     parent_id = ledger.get("mlflow_run_id")
     if parent_id:
         say(f"resuming {out} (MLflow run {parent_id})")
@@ -142,12 +150,13 @@ def _train(run: _Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) 
     role = "teacher" if iteration == 0 else "student"
     child = run.ledger.get(f"{key}/mlflow_run_id")
     if child:
+        run.open_runs.append(child)
         run.tracker.reopen(child)
     else:
         child = run.tracker.start_run(f"{key}-{role}-{arch}", parent_id=run.parent_id,
                                       tags={"selftrain.iteration": str(iteration), "selftrain.role": role})
+        run.open_runs.append(child)
         run.ledger.put(f"{key}/mlflow_run_id", child)
-    run.open_runs.append(child)
     cfg, classes = run.cfg, run.sets.classes
     run.tracker.log_params(child, {"role": role, "arch": arch, "iteration": iteration,
                                    "labeled_rows": len(run.sets.labeled),

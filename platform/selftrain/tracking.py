@@ -65,8 +65,10 @@ class Tracker:
             self.client.log_batch(run_id, params=fresh[start:start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Idempotent per (key, step): a resumed stage that logs again adds no duplicates."""
         now = mlflow.utils.time.get_current_time_millis()
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if step not in {m.step for m in self.client.get_metric_history(run_id, k)}]
         for start in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[start:start + 500])
 

@@ -43,7 +43,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
             rgb = to_rgb(image)
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (unrecognised format)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise ImageDecodeError(f"unreadable image: {exc}") from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
@@ -64,6 +64,8 @@ def _decode_rows(batch: dict[str, Any], size: int, column: str, fetch) -> dict[s
             images[i] = decode_image(fetch(value), size)
         except (OSError, ImageDecodeError) as exc:
             errors[i] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad file must never end the pass
+            errors[i] = f"{type(exc).__name__}: {exc}"
     out = {key: value for key, value in batch.items() if key != "bytes"}
     out["image"] = images
     out["error"] = errors

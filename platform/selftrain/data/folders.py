@@ -55,6 +55,8 @@ def _check(path: str, size: int) -> str:
         return ""
     except (OSError, ImageDecodeError) as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a bad file is rejected, never fatal
+        return f"{type(exc).__name__}: {exc}"
 
 
 def drop_unreadable(index: pd.DataFrame, size: int) -> tuple[pd.DataFrame, pd.DataFrame]:

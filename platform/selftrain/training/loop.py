@@ -69,6 +69,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     spec = {k: config[k] for k in ("arch", "num_classes", "classes", "image_size")}
     model = build_model(config["arch"], config["num_classes"], config["dropout"], config["stochastic_depth"])
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+            model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
+    # The optimizer is built after the model reaches its device, so restored momentum buffers
+    # land there too (load_state_dict casts state to the parameters' device).
+    model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
                                 weight_decay=config["weight_decay"])
     steps_per_epoch = max(math.ceil(config["rows"] / (world * config["batch_size"])), 1)
@@ -77,16 +86,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, lambda step: cosine_with_warmup(step, total, warmup=min(steps_per_epoch, total // 10 + 1))
     )
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-            model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
+    if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
 
-    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     channels_last = device.type == "cuda"
     use_amp = device.type == "cuda" and config.get("amp", True)

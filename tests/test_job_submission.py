@@ -1,0 +1,107 @@
+"""The smoke pipeline submitted as a Ray job to a real head node on loopback.
+
+The head node is started here (`ray start --head --block`, its own temp dir and ports) and
+stopped by the pid of that process, never with `ray stop`: other Rays on the machine live on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli_env() -> dict[str, str]:
+    # Ray 2.60 turns token auth on for a head started where ~/.ray/auth_token exists; clients
+    # must then say RAY_AUTH_MODE=token (the README says so too).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], env=_cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def head_node():
+    # Ray's socket paths must stay short (AF_UNIX limit), hence a short temp dir of our own.
+    temp_dir = tempfile.mkdtemp(prefix="stj", dir="/tmp")
+    port, dashboard = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_job_api(address, head)
+        yield address
+    finally:
+        head.terminate()  # --block: the head takes its Ray processes down with it
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_api(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited with {head.returncode}")
+        listed = _ray("job", "list", "--address", address)
+        if listed.returncode == 0:
+            return
+        last = listed.stderr[-500:]
+        time.sleep(2)
+    pytest.fail(f"the job API at {address} did not answer within {timeout} s: {last}")
+
+
+def test_smoke_pipeline_runs_as_a_ray_job_on_the_submitted_cluster(head_node, digits, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    output = tmp_path / "run"
+    submitted = _ray(
+        "job", "submit", "--address", head_node, "--submission-id", "selftrain-smoke", "--no-wait",
+        "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}}), "--",
+        str(Path(sys.executable).with_name("selftrain")), "run", str(REPO / "pipelines" / "smoke.yaml"),
+        f"output_dir={output}", f"data.labeled={digits.labeled}", f"data.unlabeled={digits.unlabeled}",
+        f"data.test={digits.test}", "name=smoke-job",
+    )
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    deadline = time.monotonic() + 480
+    while True:
+        answer = _ray("job", "status", "--address", head_node, "selftrain-smoke")
+        status = (answer.stdout + answer.stderr).lower()
+        if any(word in status for word in ("succeeded", "failed", "stopped")):
+            break
+        assert time.monotonic() < deadline, f"job still running: {status[-500:]}"
+        time.sleep(3)
+    logs = _ray("job", "logs", "--address", head_node, "selftrain-smoke").stdout
+    assert "job 'selftrain-smoke' succeeded" in status, logs[-3000:]
+    # The entry point joined the cluster it was submitted to instead of starting its own.
+    assert "Started a local Ray instance" not in logs and "final student vs teacher" in logs
+    summary = json.loads((output / "summary.json").read_text())
+    run = MlflowClient(store).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "run"

@@ -8,8 +8,6 @@ range raises `ConfigError` naming the key and what is allowed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -157,9 +155,6 @@ class PipelineConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def augment_images(images: np.ndarray, transform: v2.Transform) -> np.ndarray:
 
 
 def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW (or NHWC numpy-born, see `nhwc`) -> normalised float NCHW."""
+    """uint8 NCHW -> normalised float NCHW, on the tensor's own device."""
     x = images.float().div_(255.0)
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)

@@ -5,7 +5,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray.data
 
 from selftrain.config import PseudoLabelConfig, ScoringConfig
 from selftrain.data.pool import read_pool

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from selftrain.config import PipelineConfig, build_config, diff_configs, load_config, parse_overrides
+from selftrain.config import (PipelineConfig, SweepConfig, build_config, diff_configs, load_config, load_sweep,
+                              parse_overrides)
 from selftrain.errors import ConfigError
 
 from conftest import REPO
@@ -17,9 +18,14 @@ def test_pipelines_exist():
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_every_pipeline_loads_and_is_headed_by_its_command(path: Path):
-    cfg = load_config(path)
+    if "\nsweep:" in path.read_text():
+        cfg, sweep = load_sweep(path)
+        assert isinstance(sweep, SweepConfig) and sweep.space
+        assert path.read_text().splitlines()[0] == f"# selftrain sweep pipelines/{path.name}"
+    else:
+        cfg = load_config(path)
+        assert path.read_text().splitlines()[0] == f"# selftrain run pipelines/{path.name}"
     assert isinstance(cfg, PipelineConfig)
-    assert path.read_text().splitlines()[0] == f"# selftrain run pipelines/{path.name}"
 
 
 def test_overrides_are_yaml_scalars_at_dotted_keys():

@@ -6,8 +6,21 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from selftrain.errors import SelftrainError
+
+
+def _progress() -> Callable[[str], None]:
+    start = time.monotonic()
+
+    def say(line: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - start), 60)
+        print(f"[{minutes:02d}:{seconds:02d}] {line}", flush=True)
+
+    return say
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -17,16 +30,60 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.pipeline, args.overrides)
     init_ray(args.num_cpus)
-    start = time.monotonic()
-
-    def say(line: str) -> None:
-        minutes, seconds = divmod(int(time.monotonic() - start), 60)
-        print(f"[{minutes:02d}:{seconds:02d}] {line}", flush=True)
-
-    summary = run_pipeline(cfg, say=say)
+    summary = run_pipeline(cfg, say=_progress())
     print(summary_table(summary))
     print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from selftrain.config import load_sweep
+    from selftrain.ray_runtime import init_ray
+    from selftrain.sweep import run_sweep, sweep_table
+
+    cfg, sweep = load_sweep(args.sweep, args.overrides)
+    init_ray(args.num_cpus)
+    summary = run_sweep(cfg, sweep, resume=args.resume, say=_progress())
+    print(sweep_table(summary))
+    print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from selftrain.compare import compare_runs, render
+
+    table = compare_runs(args.experiment, args.sweep, args.metric, args.ascending, args.limit)
+    text = render(table, args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {len(table)} runs to {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def _add_sweep_commands(commands: Any) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="run a sweep YAML: Ray Tune over pipeline keys, one shared teacher pass",
+        description="Sweep a pipeline's knobs with Ray Tune (ASHA by default). The YAML is a pipeline plus a "
+                    "'sweep:' section; overrides are dotted.key=value, e.g. output_dir=runs/sweep1 sweep.num_samples=2")
+    sweep.add_argument("sweep", help="sweep YAML, e.g. pipelines/quickstart_sweep.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in output_dir after a crash")
+    sweep.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    sweep.set_defaults(handler=_sweep)
+
+    compare = commands.add_parser(
+        "compare", help="table of MLflow runs of an experiment or one sweep, best first",
+        description="Compare runs from the MLflow store (MLFLOW_TRACKING_URI, else ./mlflow.db).")
+    compare.add_argument("--experiment", required=True, help="MLflow experiment: the pipeline's 'name'")
+    compare.add_argument("--sweep", help="only the trials of this sweep: its output_dir or MLflow run id")
+    compare.add_argument("--metric", help="sort by this metric (default: val/accuracy, else eval accuracy)")
+    compare.add_argument("--ascending", action="store_true", help="smallest first (for losses)")
+    compare.add_argument("--limit", type=int, help="show the first N runs")
+    compare.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    compare.add_argument("--out", help="write to this file instead of printing")
+    compare.set_defaults(handler=_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, default=None,
                      help="CPUs for a local Ray (ignored when joining a cluster via RAY_ADDRESS)")
     run.set_defaults(handler=_run)
+    _add_sweep_commands(commands)
     return parser
 
 

@@ -157,6 +157,68 @@ class PipelineConfig(_Strict):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
 
 
+DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SearchDomain(_Strict):
+    """One swept key: exactly one of grid / choice (lists of values) or uniform / loguniform /
+    randint (`[low, high]`; randint's high is exclusive, as in Ray Tune)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDomain:
+        given = [name for name in DOMAINS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DOMAINS)} (got {given or 'none'})")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("grid", "choice") and not value:
+            raise ValueError(f"{kind}: needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind}: low must be below high (got {list(value)})")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0 (got {value[0]})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DOMAINS if getattr(self, name) is not None)
+
+    @property
+    def values(self) -> list[Any]:
+        """Values worth validating against the config: every listed one, or the bounds."""
+        value = getattr(self, self.kind)
+        return list(value) if self.kind in ("grid", "choice") else [value[0], value[1] - (self.kind == "randint")]
+
+
+class SweepConfig(_Strict):
+    """The `sweep:` section of a sweep YAML: what to vary and how trials are scheduled."""
+
+    space: dict[str, SearchDomain] = Field(
+        default_factory=dict, description="dotted config key -> domain, e.g. "
+        "pseudo_label.threshold: {grid: [0.3, 0.7]}")
+    num_samples: int = Field(1, ge=1, description="samples of the space (each grid point this often)")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="default: as many as the cluster's CPUs/GPUs fit, given train.*")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops losing trials early")
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor at each rung")
+    validation_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="labeled images per class held out as the objective's "
+        "validation split (at least one per class); the test set is never used to choose")
+    reuse_teacher_scores: bool = Field(
+        True, description="trials share one teacher pass over the pool; false re-scores it per "
+        "trial (the naive sweep, for comparison)")
+    trial_cpus: float = Field(0.0, ge=0.0, description="CPUs of the trial process itself: it only "
+                              "waits; its trainer and data tasks reserve their own (train.*)")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are YAML scalars."""
     tree: dict[str, Any] = {}
@@ -217,7 +279,7 @@ def build_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
@@ -227,7 +289,67 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    raw = _read_yaml(path)
+    if "sweep" in raw:
+        raise ConfigError(f"{path} is a sweep (it has a 'sweep:' section): run it with `selftrain sweep {path}`")
     return build_config(_merge(raw, parse_overrides(overrides or [])), source=str(path))
+
+
+def with_params(cfg: PipelineConfig, params: dict[str, Any], source: str = "trial") -> PipelineConfig:
+    """`cfg` with dotted keys set, validated as strictly as a pipeline file."""
+    tree: dict[str, Any] = {}
+    for key, value in params.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return build_config(_merge(cfg.model_dump(), tree), source=source)
+
+
+def _check_key(key: str) -> None:
+    model: type[BaseModel] = PipelineConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"sweep.space: unknown config key {key!r}; allowed under {where}: "
+                              f"{', '.join(model.model_fields)}")
+        annotation = model.model_fields[part].annotation
+        nested = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth < len(parts) - 1 and not nested:
+            raise ConfigError(f"sweep.space: {key!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        if depth == len(parts) - 1 and nested:
+            raise ConfigError(f"sweep.space: {key!r} is a section; sweep one of its keys: "
+                              f"{', '.join(f'{key}.{k}' for k in annotation.model_fields)}")
+        model = annotation if nested else model
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineConfig, SweepConfig]:
+    """A sweep file: a pipeline plus a `sweep:` section. Every swept key must exist and every
+    listed value (or range bound) must be valid for it, before anything runs."""
+    raw = _merge(_read_yaml(path), parse_overrides(overrides or []))
+    if not isinstance(raw.get("sweep"), dict):
+        raise ConfigError(f"{path}: no 'sweep:' section; a sweep file is a pipeline plus sweep: {{space: …}}")
+    sweep_raw = raw.pop("sweep")
+    cfg = build_config(raw, source=str(path))
+    try:
+        sweep = SweepConfig.model_validate(sweep_raw)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"invalid sweep section of {path}:\n  sweep." + "\n  sweep.".join(lines)) from None
+    if not sweep.space:
+        raise ConfigError(f"{path}: sweep.space is empty; give at least one key, e.g. "
+                          "pseudo_label.threshold: {grid: [0.3, 0.7]}")
+    for key, domain in sweep.space.items():
+        _check_key(key)
+        for value in domain.values:
+            with_params(cfg, {key: value}, source=f"sweep.space[{key!r}] ({domain.kind} value {value!r})")
+    return cfg, sweep
 
 
 def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

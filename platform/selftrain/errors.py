@@ -22,3 +22,11 @@ class PseudoLabelError(SelftrainError):
 
 class TrainingError(SelftrainError):
     """Training diverged (NaN/inf loss) or failed."""
+
+
+class TrackingError(SelftrainError):
+    """The MLflow store cannot be used as asked (unknown experiment, unreachable server)."""
+
+
+class SweepError(SelftrainError):
+    """A sweep could not produce a result (every trial failed), or cannot resume."""

@@ -20,16 +20,16 @@ T = TypeVar("T")
 
 
 class Ledger:
-    def __init__(self, output_dir: Path, config: PipelineConfig):
+    def __init__(self, output_dir: Path, config: PipelineConfig | dict[str, Any], kind: str = "run"):
         self.path = output_dir / "state.json"
-        resolved = config.model_dump()
-        resolved.pop("output_dir")  # the same directory may be spelled differently
+        resolved = config.model_dump() if isinstance(config, PipelineConfig) else dict(config)
+        resolved.pop("output_dir", None)  # the same directory may be spelled differently
         if self.path.exists():
             self.state = json.loads(self.path.read_text())
             changes = diff_configs(self.state["config"], resolved)
             if changes:
                 raise ConfigError(
-                    f"{output_dir} holds a run with a different config; use a new output_dir or "
+                    f"{output_dir} holds a {kind} with a different config; use a new output_dir or "
                     "the same config to resume. Differences (stored -> now):\n  " + "\n  ".join(changes)
                 )
         else:

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # no display on cluster nodes or CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
@@ -53,6 +54,29 @@ def accuracy_per_iteration(accuracies: Sequence[float], models: Sequence[str]) -
     ax.plot(range(len(accuracies)), accuracies, marker="o")
     ax.set(xticks=range(len(accuracies)), xticklabels=[f"{i}\n{m}" for i, m in enumerate(models)],
            xlabel="iteration (0 = teacher)", ylabel="test accuracy", title="test accuracy per iteration")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_objective(trials: pd.DataFrame, keys: Sequence[str], objective: str) -> Figure:
+    """The objective against each swept key, one panel per key; failed trials are left out,
+    trials ASHA stopped early are hollow (their objective is from fewer epochs)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.5), squeeze=False)
+    scored = trials[trials[objective].notna()]
+    for ax, key in zip(axes[0], keys):
+        values = scored[key]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        positions = values.astype(float) if numeric else values.astype(str).map(
+            {v: i for i, v in enumerate(sorted(values.astype(str).unique()))})
+        early = (scored["status"] == "stopped_early").to_numpy()
+        ax.scatter(positions[~early], scored[objective][~early], color="tab:blue", label="completed")
+        ax.scatter(positions[early], scored[objective][early], facecolors="none", edgecolors="tab:blue",
+                   label="stopped early")
+        if not numeric:
+            ax.set_xticks(range(values.astype(str).nunique()), sorted(values.astype(str).unique()))
+        ax.set(xlabel=key, ylabel=objective)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"sweep: {objective} per trial")
     fig.tight_layout()
     return fig
 

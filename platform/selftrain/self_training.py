@@ -38,7 +38,7 @@ from selftrain.tracking import Tracker
 
 
 @dataclass
-class _Run:
+class Run:
     cfg: PipelineConfig
     out: Path
     ledger: Ledger
@@ -56,37 +56,23 @@ class _Run:
 def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     out = Path(cfg.output_dir).expanduser().resolve()
     ledger = Ledger(out, cfg)
-    tracker = Tracker(cfg.name)
-    recorded_uri = ledger.get("tracking_uri")
-    if recorded_uri and recorded_uri != tracker.uri:
-        raise ConfigError(
-            f"{out} was tracked in MLflow store {recorded_uri}, but this run would use {tracker.uri}; "
-            "resume from the same directory or set MLFLOW_TRACKING_URI to the recorded store"
-        )
-    ledger.put("tracking_uri", tracker.uri)
-    parent_id = ledger.get("mlflow_run_id")
-    if parent_id:
-        say(f"resuming {out} (MLflow run {parent_id})")
-        tracker.reopen(parent_id)
-    else:
-        parent_id = tracker.start_run(out.name, tags={"selftrain.output_dir": str(out)})
-        ledger.put("mlflow_run_id", parent_id)
+    tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"})
     open_runs = [parent_id]
     with tracker.terminating(open_runs):
         tracker.log_params(parent_id, cfg.model_dump())
-        paths = _data_paths(cfg)
+        paths = data_paths(cfg)
         sets = load_labeled_sets(paths.labeled, paths.test, cfg.data.image_size)
         check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
-        run = _Run(cfg, out, ledger, tracker, parent_id, paths, sets, say, open_runs)
+        run = Run(cfg, out, ledger, tracker, parent_id, paths, sets, say, open_runs)
         say(f"{len(sets.classes)} classes, {len(sets.labeled)} labeled, {len(sets.test)} test images; "
             f"pool: {paths.unlabeled}")
 
-        teacher = _train(run, iteration=0, arch=cfg.model.teacher, pseudo=None)
+        teacher = train_stage(run, iteration=0, arch=cfg.model.teacher, pseudo=None)
         results = [teacher]
         for iteration in range(1, cfg.iterations + 1):
-            scores = _score_pool(run, iteration, teacher)
-            pseudo = _pseudo_label(run, iteration, teacher, scores)
-            student = _train(run, iteration, cfg.model.student(iteration), pseudo)
+            scores = score_stage(run, iteration, teacher)
+            pseudo = pseudo_label_stage(run, iteration, teacher, scores)
+            student = train_stage(run, iteration, cfg.model.student(iteration), pseudo)
             results.append(student)
             teacher = student
 
@@ -101,38 +87,59 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dic
     return summary
 
 
-def _data_paths(cfg: PipelineConfig) -> DataPaths:
+def open_tracking(experiment: str, out: Path, ledger: Ledger, say: Callable[[str], None],
+                  tags: dict[str, str]) -> tuple[Tracker, str]:
+    """The MLflow parent run of `out`: created once, re-opened on resume, never in another store."""
+    tracker = Tracker(experiment)
+    recorded_uri = ledger.get("tracking_uri")
+    if recorded_uri and recorded_uri != tracker.uri:
+        raise ConfigError(
+            f"{out} was tracked in MLflow store {recorded_uri}, but this run would use {tracker.uri}; "
+            "resume from the same directory or set MLFLOW_TRACKING_URI to the recorded store"
+        )
+    ledger.put("tracking_uri", tracker.uri)
+    parent_id = ledger.get("mlflow_run_id")
+    if parent_id:
+        say(f"resuming {out} (MLflow run {parent_id})")
+        tracker.reopen(parent_id)
+    else:
+        parent_id = tracker.start_run(out.name, tags={"selftrain.output_dir": str(out), **tags})
+        ledger.put("mlflow_run_id", parent_id)
+    return tracker, parent_id
+
+
+def data_paths(cfg: PipelineConfig) -> DataPaths:
     data = cfg.data
     if data.builtin:
         return materialize_builtin(data.builtin, data.cache_dir, data.labels_per_class, cfg.seed)
     return DataPaths(data.labeled, data.unlabeled, data.test, data.unlabeled_has_class_folders)
 
 
-def _fresh(directory: Path) -> Path:
+def fresh_dir(directory: Path) -> Path:
     """An empty directory: clears what an interrupted attempt at this stage left behind."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     return directory
 
 
-def _score_pool(run: _Run, iteration: int, teacher: dict[str, Any]) -> str:
+def score_stage(run: Run, iteration: int, teacher: dict[str, Any]) -> str:
     def compute() -> str:
         run.say(f"[iteration {iteration}] teacher {teacher['model']} scores the pool")
         classes = run.sets.classes if run.paths.pool_has_class_folders else None
         pool = read_pool(run.paths.unlabeled, run.cfg.data.parquet_image_column, classes)
         return score_pool(pool, teacher["model_dir"], run.cfg.scoring, run.cfg.data.image_size,
-                          _fresh(run.out / f"iter{iteration}" / "scoring"))
+                          fresh_dir(run.out / f"iter{iteration}" / "scoring"))
 
     return run.ledger.stage(f"iter{iteration}/scores", compute)
 
 
-def _pseudo_label(run: _Run, iteration: int, teacher: dict[str, Any], scores: str) -> dict[str, Any]:
+def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores: str) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
         cfg = run.cfg.pseudo_label
         meta = {"teacher_id": teacher["mlflow_run_id"], "teacher_model": teacher["model"],
                 "iteration": iteration, "threshold": cfg.threshold, "temperature": cfg.temperature}
         directory, stats, rows = select_pseudo_labels(
-            scores, cfg, run.sets.classes, _fresh(run.out / f"iter{iteration}" / "labels"),
+            scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
             run.seed(iteration), meta)
         run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "
                 f"τ={cfg.threshold} ({rows} rows after balancing, {len(stats.rejected)} unreadable)")
@@ -142,7 +149,7 @@ def _pseudo_label(run: _Run, iteration: int, teacher: dict[str, Any], scores: st
     return run.ledger.stage(f"iter{iteration}/pseudo_labels", compute)
 
 
-def _train(run: _Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) -> dict[str, Any]:
+def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) -> dict[str, Any]:
     """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only."""
     key = f"iter{iteration}"
     if run.ledger.get(f"{key}/result"):
@@ -200,7 +207,7 @@ def _train(run: _Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) 
     return record
 
 
-def _summarize(run: _Run, results: list[dict[str, Any]]) -> dict[str, Any]:
+def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
     rejected = {r["path"]: r["reason"] for r in run.sets.rejected.to_dict("records")}
     for iteration in range(1, run.cfg.iterations + 1):
         for r in run.ledger.get(f"iter{iteration}/pseudo_labels")["rejected"]:

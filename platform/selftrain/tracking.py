@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+
+from selftrain.errors import TrackingError
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
@@ -54,6 +57,24 @@ class Tracker:
         if parent_id:
             tags[PARENT_TAG] = parent_id
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+
+    def find_or_start_run(self, name: str, parent_id: str, key_tag: str, key: str,
+                          tags: dict[str, str] | None = None) -> str:
+        """The child run of `parent_id` tagged `key_tag=key`, re-opened, or a new one. A restored
+        Tune sweep re-runs trials it had not snapshotted as done: no duplicate runs for them."""
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{key_tag}` = '{key}'")
+        if found:
+            self.reopen(found[0].info.run_id)
+            return found[0].info.run_id
+        return self.start_run(name, parent_id, {key_tag: key, **(tags or {})})
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
 
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
@@ -102,8 +123,12 @@ class Tracker:
         """Leave no run RUNNING: FAILED on an exception, KILLED on Ctrl-C or SIGTERM
         (`ray job stop` sends SIGTERM; MLflow alone would leave the run RUNNING forever).
         Marks only runs that are still RUNNING, so finished children keep FINISHED."""
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # Signal handlers can only be set from the main thread; a Tune trial runs in another
+        # (Tune settles the status of runs it stops itself).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        if main:
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             yield
         except KeyboardInterrupt:
@@ -113,7 +138,8 @@ class Tracker:
             self._terminate_running(run_ids, "FAILED")
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
     def _terminate_running(self, run_ids: list[str], status: str) -> None:
         for run_id in run_ids:
@@ -125,6 +151,18 @@ class Tracker:
         found = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
                                         order_by=["attributes.start_time ASC"])
         return list(found)
+
+
+def search_runs(experiment: str, filter_string: str = "", uri: str | None = None) -> Any:
+    """Runs of an experiment as a pandas DataFrame (`mlflow.search_runs`): columns run_id,
+    status, start_time, end_time, `params.*`, `metrics.*` (last values), `tags.*`."""
+    client = MlflowClient(uri or tracking_uri())
+    if client.get_experiment_by_name(experiment) is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise TrackingError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}; "
+                          f"experiments there: {', '.join(names) or 'none'}")
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

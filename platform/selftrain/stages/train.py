@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
 from selftrain.config import NoiseConfig, PipelineConfig
@@ -60,6 +60,24 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
     return dataset.randomize_block_order(seed=cfg.seed)
 
 
+class MlflowEpochs(UserCallback):
+    """Logs each epoch's report to an MLflow run as it happens (runs in the Ray Train
+    controller), so a trial that Tune stops early keeps the epochs it trained."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_id: str, step_offset: int = 0):
+        self.tracking_uri, self.experiment, self.run_id, self.step_offset = tracking_uri, experiment, run_id, step_offset
+        self._tracker = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        from selftrain.tracking import Tracker
+
+        if self._tracker is None:
+            self._tracker = Tracker(self.experiment, self.tracking_uri)
+        epoch_metrics = dict(metrics[0])
+        step = self.step_offset + int(epoch_metrics.pop("epoch"))
+        self._tracker.log_metrics(self.run_id, epoch_metrics, step=step)
+
+
 def _training_error(exc: TrainingFailedError) -> TrainingError | None:
     """Our own TrainingError raised in a worker, unwrapped for a one-line message."""
     text = str(exc)
@@ -72,9 +90,13 @@ def _training_error(exc: TrainingFailedError) -> TrainingError | None:
 def train_model(
     cfg: PipelineConfig, name: str, arch: str, dataset: ray.data.Dataset, rows: int,
     spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
+    validation: pd.DataFrame | None = None, callbacks: list[Any] | None = None,
 ) -> TrainedModel:
     """Fit `arch` and copy the final model to `out_dir/model`. Re-running resumes the same
-    Ray Train run (same name and storage) from its last committed checkpoint."""
+    Ray Train run (same name and storage) from its last committed checkpoint.
+
+    `validation` (`path`, `label`) adds `val/accuracy` to every epoch's report; `callbacks` are
+    Ray Train `UserCallback`s (a sweep passes Tune's report callback and an MLflow logger)."""
     dropout = cfg.noise.dropout if student else cfg.train.teacher_dropout
     loop_config = {
         **spec, "arch": arch, "method": "noisy_student", "rows": rows, "seed": seed,
@@ -84,6 +106,9 @@ def train_model(
         "shuffle_buffer": cfg.train.shuffle_buffer, "amp": cfg.train.amp,
         "checkpoint_every": cfg.train.checkpoint_every,
         "torch_threads": cfg.train.torch_threads,
+        "validation": None if validation is None else {
+            "paths": validation["path"].tolist(), "labels": validation["label"].tolist(),
+            "parquet_column": cfg.data.parquet_image_column},
     }
     use_gpu = wants_gpu(cfg.train.use_gpu)
     trainer = TorchTrainer(
@@ -93,7 +118,7 @@ def train_model(
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str((out_dir.parent / "ray_train").resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0), callbacks=callbacks or []),
         datasets={"train": dataset},
     )
     try:

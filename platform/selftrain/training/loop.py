@@ -17,10 +17,12 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from selftrain.data.augment import to_model_input
+from selftrain.data.augment import nhwc_to_nchw, to_model_input
+from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.methods import METHODS
 from selftrain.models.registry import build_model
@@ -60,6 +62,31 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _validation_set(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The held-out labeled images (a few, by premise), decoded once per worker, un-augmented."""
+    validation = config.get("validation")
+    if not validation:
+        return None
+    loaded = load_batch({"path": np.asarray(validation["paths"], dtype=object)}, config["image_size"],
+                        validation["parquet_column"])
+    ok = loaded["error"] == ""
+    return (nhwc_to_nchw(torch.from_numpy(loaded["image"][ok])),
+            torch.as_tensor(np.asarray(validation["labels"])[ok]))
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool, batch_size: int) -> float:
+    bare = model.module if hasattr(model, "module") else model  # no DDP sync for a local eval
+    bare.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start:start + batch_size].to(device), channels_last=channels_last)
+        correct += int((bare(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
+    bare.train()
+    return correct / max(len(images), 1)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -77,6 +104,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
     # The optimizer is built after the model reaches its device, so restored momentum buffers
     # land there too (load_state_dict casts state to the parameters' device).
+    if ray.train.torch.get_device().type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # weights match the channels_last inputs
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
                                 weight_decay=config["weight_decay"])
@@ -96,6 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_amp = device.type == "cuda" and config.get("amp", True)
     objective = METHODS[config["method"]]
     shard = ray.train.get_dataset_shard("train")
+    validation = _validation_set(config)
 
     for epoch in range(start_epoch, config["epochs"]):
         model.train()
@@ -126,6 +156,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise TrainingError(f"epoch {epoch + 1} saw no training rows: the dataset is empty")
         epoch_metrics = {"epoch": epoch + 1, "train/loss": loss_sum / seen,
                          "train/accuracy": correct / seen, "train/lr": scheduler.get_last_lr()[0]}
+        if validation is not None:  # every rank evaluates the same images: no gather needed
+            epoch_metrics["val/accuracy"] = _accuracy(model, *validation, device, channels_last, config["batch_size"])
         history.append(epoch_metrics)
         last = epoch + 1 == config["epochs"]
         save = last or (epoch + 1) % config["checkpoint_every"] == 0

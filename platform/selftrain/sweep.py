@@ -77,6 +77,7 @@ def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False,
             teacher = train_stage(run, iteration=0, arch=cfg.model.teacher, pseudo=None)
             teacher["val_accuracy"] = ledger.stage("teacher_val_accuracy", lambda: evaluate(
                 validation, teacher["model_dir"], cfg.scoring, cfg.data.image_size, len(sets.classes)).accuracy)
+            tracker.log_metrics(teacher["mlflow_run_id"], {OBJECTIVE: teacher["val_accuracy"]})  # the baseline
             say(f"shared teacher {teacher['model']}: validation accuracy {teacher['val_accuracy']:.4f}")
             if sweep.reuse_teacher_scores:
                 scores = score_stage(run, 1, teacher)

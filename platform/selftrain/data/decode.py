@@ -58,8 +58,11 @@ def _decode_rows(batch: dict[str, Any], size: int, column: str, fetch) -> dict[s
     """
     values = batch[column]
     images = np.zeros((len(values), size, size, 3), dtype=np.uint8)
-    errors = np.full(len(values), "", dtype=object)
+    # A row that already failed upstream (e.g. the file could not be read) keeps its reason.
+    errors = np.array(batch["error"], dtype=object) if "error" in batch else np.full(len(values), "", dtype=object)
     for i, value in enumerate(values):
+        if errors[i]:
+            continue
         try:
             images[i] = decode_image(fetch(value), size)
         except (OSError, ImageDecodeError) as exc:
@@ -72,7 +75,19 @@ def _decode_rows(batch: dict[str, Any], size: int, column: str, fetch) -> dict[s
     return out
 
 
+@lru_cache(maxsize=8)
+def _filesystem(uri_root: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri_root)[0]
+
+
 def read_file_bytes(path: str) -> bytes:
+    """A local path, or a URI (`s3://bucket/key`: the pool ids of object-store pools)."""
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        with _filesystem(f"{scheme}://{rest.split('/', 1)[0]}").open_input_stream(rest) as stream:
+            return stream.read()
     with open(path, "rb") as handle:
         return handle.read()
 

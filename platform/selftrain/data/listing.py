@@ -143,16 +143,17 @@ def _walk(location: PoolLocation) -> Iterator[str]:
 
 
 def probe(location: PoolLocation) -> tuple[str | None, str | None]:
-    """(kind, first file) of the first pool file within PROBE_LIMIT entries; (None, None) when
-    none is found there (the pool may still hold files further on: the pass decides)."""
+    """(kind, first file) of the first pool file. (None, None): the tree holds none.
+    ("image", None): none among the first PROBE_LIMIT entries; the pool may hold images further
+    on, so it is read as an image pool and the pass itself finds out (`check_scores`)."""
     if location.is_file:
         return kind_of(location.root), location.root
     for seen, path in enumerate(_walk(location)):
         kind = kind_of(path)
         if kind and wanted(location, path):
             return kind, path
-        if seen >= PROBE_LIMIT:
-            break
+        if seen + 1 >= PROBE_LIMIT:
+            return "image", None
     return None, None
 
 

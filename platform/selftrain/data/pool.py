@@ -96,9 +96,9 @@ def read_pool(spec: str, image_column: str, classes: list[str] | None) -> ray.da
     """
     location = locate(spec)
     kind, first = probe(location)
-    if first is None and location.pattern is not None:
+    if kind is None and first is None and location.pattern is not None:
         raise DataError(f"data.unlabeled: the glob {spec!r} matches no image files")
-    if first is None:
+    if kind is None and first is None:
         raise DataError(f"data.unlabeled: no image files (or Parquet) under {spec}")
     if kind is None:
         raise DataError(f"data.unlabeled: {spec} is neither an image nor a Parquet file")

@@ -3,7 +3,7 @@
 Reads the teacher's scores (Parquet), keeps rows with confidence >= τ, balances classes to k
 rows each (Noisy Student, Sec. 3.1), computes targets softmax(z/T) (or one-hot), and writes
 `pseudo_labels/` as Parquet. Statistics come from one streaming pass; nothing scales with the
-pool on the driver except the list of unreadable files.
+pool on the driver (unreadable files are counted, and the first `LISTED` named).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from selftrain.errors import PseudoLabelError
 from selftrain.methods.pseudo_label import balance_class, default_per_class, targets
 
 BINS = 100  # confidence histogram resolution: quantiles are exact to 0.01
+LISTED = 1000  # unreadable files named on the driver: a bounded list, however large the pool
 
 
 @dataclass
@@ -31,7 +32,8 @@ class PoolStats:
     kept_with_truth: int = 0
     histogram_kept: list[int] = field(default_factory=lambda: [0] * BINS)
     histogram_dropped: list[int] = field(default_factory=lambda: [0] * BINS)
-    rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason
+    rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason: the first LISTED
+    rejected_count: int = 0  # every unreadable file (the scores Parquet lists them all)
 
     @property
     def kept(self) -> int:
@@ -58,7 +60,8 @@ def _batch_stats(batch: pd.DataFrame, threshold: float, num_classes: int) -> pd.
         "kept_with_truth": int((kept & truth).sum()),
         "histogram_kept": np.histogram(good["confidence"][kept], bins)[0].tolist(),
         "histogram_dropped": np.histogram(good["confidence"][~kept], bins)[0].tolist(),
-        "rejected": [{"path": p, "reason": r} for p, r in zip(batch["path"][bad], batch["error"][bad])],
+        "rejected": [{"path": p, "reason": r} for p, r in zip(batch["path"][bad][:LISTED], batch["error"][bad][:LISTED])],
+        "rejected_count": int(bad.sum()),
     }])
 
 
@@ -74,7 +77,8 @@ def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int) -> 
         stats.kept_with_truth += int(part["kept_with_truth"])
         for name in ("kept_per_class", "histogram_kept", "histogram_dropped"):
             setattr(stats, name, np.add(getattr(stats, name), part[name]).astype(int).tolist())
-        stats.rejected += list(part["rejected"])
+        stats.rejected = (stats.rejected + list(part["rejected"]))[:LISTED]
+        stats.rejected_count += int(part["rejected_count"])
     return stats
 
 
@@ -102,7 +106,7 @@ def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -
     """Stop before training on nothing, saying why (scores stay on disk for another τ)."""
     if stats.scored == 0:
         raise PseudoLabelError(
-            f"no pool image could be scored ({len(stats.rejected)} unreadable); see 'rejected'"
+            f"no pool image could be scored ({stats.rejected_count} unreadable); see 'rejected'"
         )
     if stats.kept == 0:
         top = max((i for i, c in enumerate(np.add(stats.histogram_kept, stats.histogram_dropped)) if c), default=0)
@@ -148,7 +152,7 @@ def stats_metrics(stats: PoolStats, rows: int, classes: list[str]) -> dict[str, 
         "pseudo/kept": stats.kept,
         "pseudo/kept_fraction": stats.kept / stats.scored if stats.scored else 0.0,
         "pseudo/rows_after_balance": rows,
-        "pseudo/rejected": len(stats.rejected),
+        "pseudo/rejected": stats.rejected_count,
     }
     for q in (0.1, 0.5, 0.9):
         metrics[f"pseudo/confidence_p{int(q * 100)}"] = stats.confidence_quantile(q)

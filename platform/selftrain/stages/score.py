@@ -85,11 +85,18 @@ def score(
                                    batch_size=64, num_cpus=0.5)
     else:
         decoded = rows.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=64, num_cpus=0.5)
+    return infer(decoded, model_dir, cfg)
+
+
+def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer: type = TeacherScorer,
+          **scorer_kwargs: Any) -> ray.data.Dataset:
+    """Lazy: decoded `{image, error, ...}` rows through the teacher's actor pool (`scorer`
+    and `scorer_kwargs` let the bench swap in a GPU-decoding scorer on the same pool)."""
     use_gpu = wants_gpu(cfg.use_gpu)
     return decoded.map_batches(
-        TeacherScorer,
+        scorer,
         fn_constructor_kwargs={"model_dir": model_dir, "use_gpu": use_gpu, "amp": cfg.amp,
-                               "channels_last": cfg.channels_last},
+                               "channels_last": cfg.channels_last, **scorer_kwargs},
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(min_size=1, max_size=num_actors(cfg, use_gpu)),
         num_gpus=cfg.gpus_per_actor if use_gpu else 0,

@@ -18,9 +18,11 @@ import ray.data
 
 from selftrain.config import PseudoLabelConfig
 from selftrain.errors import PseudoLabelError
-from selftrain.methods.pseudo_label import balance_class, default_per_class, targets
+from selftrain.methods.pseudo_label import default_per_class, targets
+from selftrain.stages.balance import balance
 
 BINS = 100  # confidence histogram resolution: quantiles are exact to 0.01
+ROWS_PER_FILE = 50_000  # pseudo-label Parquet shards: ~20 files for 1M rows, never one per class
 LISTED = 1000  # unreadable files named on the driver: a bounded list, however large the pool
 
 
@@ -86,10 +88,6 @@ def _keep(batch: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return batch[(batch["error"] == "") & (batch["confidence"] >= threshold)]
 
 
-def _balance(group: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
-    return balance_class(group, k, seed + int(group["prediction"].iloc[0]))
-
-
 def _to_pseudo_labels(batch: pd.DataFrame, cfg: PseudoLabelConfig, meta: dict[str, Any]) -> pd.DataFrame:
     logits = np.stack(batch["logits"].to_numpy())
     return pd.DataFrame({
@@ -135,13 +133,12 @@ def select_pseudo_labels(
     rows = stats.kept
     if cfg.balance:
         k = cfg.per_class or default_per_class(pd.Series(stats.kept_per_class))
-        kept = kept.groupby("prediction").map_groups(_balance, batch_format="pandas",
-                                                      fn_kwargs={"k": k, "seed": seed})
+        kept = balance(kept, stats.kept_per_class, k, seed)
         rows = k * sum(1 for n in stats.kept_per_class if n > 0)
     labels = kept.map_batches(_to_pseudo_labels, batch_format="pandas",
                               fn_kwargs={"cfg": cfg, "meta": meta})
     target = out_dir / "pseudo_labels"
-    labels.write_parquet(str(target))
+    labels.write_parquet(str(target), min_rows_per_file=ROWS_PER_FILE)
     return str(target), stats, rows
 
 

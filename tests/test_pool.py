@@ -114,3 +114,14 @@ def test_a_mostly_unreadable_pool_stops_naming_examples_and_keeps_the_scores(ray
     assert len(kept) == 5 and (kept["error"] != "").sum() == 3
     # A limit above 3/5 lets the same scores through (checked on the Parquet kept above).
     assert check_scores(str(tmp_path / "strict" / "scores"), 0.6, "pool") == (5, 3)
+
+
+def test_a_parquet_row_is_read_from_its_row_group_by_id(tmp_path):
+    from selftrain.data.decode import read_image_ref
+
+    values = [bytes([i % 256, i // 256]) for i in range(1000)]
+    pq.write_table(pa.table({"image": values}), tmp_path / "pool.parquet", row_group_size=128)
+    for row in (0, 127, 128, 129, 500, 999):
+        assert read_image_ref(f"{tmp_path / 'pool.parquet'}#row={row}") == values[row]
+        assert read_image_ref(f"file://{tmp_path / 'pool.parquet'}#row={row}") == values[row]
+    assert read_image_ref(f"file://{tmp_path / 'pool.parquet'}") == (tmp_path / "pool.parquet").read_bytes()

@@ -86,6 +86,25 @@ def _add_sweep_commands(commands: Any) -> None:
     compare.set_defaults(handler=_compare)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from selftrain.bench import PARTS, record, run_bench, table
+    from selftrain.ray_runtime import init_ray
+
+    parts = args.parts.split(",") if args.parts else list(PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SelftrainError(f"bench --parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    init_ray(args.num_cpus)  # before the clocks: Ray's start-up is not part of any measurement
+    results = run_bench(args.quick, parts, args.tmp_dir, say=lambda line: print(line, flush=True))
+    out = Path(args.out or f"runs/bench/bench-{results['mode']}.json")
+    run_id = record(results, out, " ".join(["selftrain", *sys.argv[1:]]))
+    print(table(results))
+    print(f"results: {out}" + (f"; MLflow run {run_id}" if run_id else " (mlflow not installed: not logged)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selftrain", description="Noisy Student self-training on Ray, tracked in MLflow.")
@@ -99,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, default=None,
                      help="CPUs for a local Ray (ignored when joining a cluster via RAY_ADDRESS)")
     run.set_defaults(handler=_run)
+    bench = commands.add_parser(
+        "bench", help="measure scoring and training against bare PyTorch loops, and driver memory",
+        description="Print, write as JSON and log to MLflow: scoring_ratio, training_ratio, "
+                    "driver_rss_ratio on this machine. --quick takes a few minutes on a laptop.")
+    bench.add_argument("--quick", action="store_true", help="small models and pools (CPU laptop)")
+    bench.add_argument("--full", dest="quick", action="store_false",
+                       help="ResNet-50 at 224 px, pools of 100k and 1M files (the default)")
+    bench.add_argument("--parts", default="", help="comma-separated subset of driver_memory,scoring,training")
+    bench.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-<mode>.json)")
+    bench.add_argument("--tmp-dir", default=None, help="where generated pools go (deleted afterwards)")
+    bench.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    bench.set_defaults(handler=_bench)
     _add_sweep_commands(commands)
     return parser
 

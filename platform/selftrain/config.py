@@ -44,7 +44,8 @@ class DataConfig(_Strict):
 
     labeled: str | None = Field(None, description="folder with one subfolder per class")
     unlabeled: str | None = Field(
-        None, description="folder tree of images (any nesting), a glob, or Parquet file/folder"
+        None, description="folder tree of images (any nesting), a glob, or Parquet file/folder; "
+        "local, or a URI read through pyarrow filesystems (file://, s3://, gs://)"
     )
     test: str | None = Field(None, description="folder with one subfolder per class")
     builtin: Literal["digits", "cifar10", "stl10", "svhn"] | None = Field(
@@ -136,12 +137,31 @@ class PseudoLabelConfig(_Strict):
 
 
 class ScoringConfig(_Strict):
-    batch_size: int = Field(256, ge=1)
-    num_actors: int = Field(1, ge=1, description="inference actors (one GPU each on GPU nodes)")
-    cpus_per_actor: float = Field(1.0, gt=0.0)
-    use_gpu: bool | Literal["auto"] = "auto"
+    """Teacher inference over the pool (and the test set). The defaults suit both a laptop
+    (one CPU actor) and a GPU node (one actor per GPU, bf16 autocast, channels_last)."""
+
+    batch_size: int = Field(256, ge=1, le=65536, description="images per forward pass")
+    num_actors: int | Literal["auto"] = Field(
+        "auto", description="inference actors; auto: one per gpus_per_actor GPUs of the cluster "
+        "when scoring on GPUs, else 1 (a CPU actor already uses every core it is given)"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0.0, le=256.0, description="CPUs reserved per actor")
+    gpus_per_actor: float = Field(
+        1.0, gt=0.0, le=8.0, description="GPUs per actor when scoring on GPUs (fractions share one)"
+    )
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
     amp: bool = Field(True, description="bfloat16 autocast on GPU")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
+    max_rejected_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="stop after scoring when more than this fraction of the "
+        "pool's files is unreadable (the scores stay on disk); 1.0 never stops"
+    )
+
+    @model_validator(mode="after")
+    def _actors_positive(self) -> ScoringConfig:
+        if self.num_actors != "auto" and self.num_actors < 1:
+            raise ValueError(f"num_actors must be 'auto' or at least 1 (got {self.num_actors})")
+        return self
 
 
 class PipelineConfig(_Strict):

@@ -128,7 +128,8 @@ def score_stage(run: Run, iteration: int, teacher: dict[str, Any]) -> str:
         classes = run.sets.classes if run.paths.pool_has_class_folders else None
         pool = read_pool(run.paths.unlabeled, run.cfg.data.parquet_image_column, classes)
         return score_pool(pool, teacher["model_dir"], run.cfg.scoring, run.cfg.data.image_size,
-                          fresh_dir(run.out / f"iter{iteration}" / "scoring"))
+                          fresh_dir(run.out / f"iter{iteration}" / "scoring"),
+                          pool_name=f"data.unlabeled={run.paths.unlabeled}")
 
     return run.ledger.stage(f"iter{iteration}/scores", compute)
 
@@ -142,7 +143,7 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
             scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
             run.seed(iteration), meta)
         run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "
-                f"τ={cfg.threshold} ({rows} rows after balancing, {len(stats.rejected)} unreadable)")
+                f"τ={cfg.threshold} ({rows} rows after balancing, {stats.rejected_count} unreadable)")
         return {"dir": directory, "rows": rows, "kept": stats.kept, "rejected": stats.rejected,
                 "metrics": stats_metrics(stats, rows, run.sets.classes), "stats": stats_record(stats)}
 

@@ -109,7 +109,8 @@ class _Trial:
         classes = self.shared.classes if paths.pool_has_class_folders else None
         pool = read_pool(paths.unlabeled, cfg.data.parquet_image_column, classes)
         return score_pool(pool, teacher["model_dir"], cfg.scoring, cfg.data.image_size,
-                          fresh_dir(self.out / f"iter{iteration}" / "scoring"))
+                          fresh_dir(self.out / f"iter{iteration}" / "scoring"),
+                          pool_name=f"data.unlabeled={paths.unlabeled}")
 
     def _student(self, iteration: int, arch: str, scores: str, epochs_before: int) -> str:
         cfg, shared = self.cfg, self.shared

@@ -58,8 +58,11 @@ def _decode_rows(batch: dict[str, Any], size: int, column: str, fetch) -> dict[s
     """
     values = batch[column]
     images = np.zeros((len(values), size, size, 3), dtype=np.uint8)
-    errors = np.full(len(values), "", dtype=object)
+    # A row that already failed upstream (e.g. the file could not be read) keeps its reason.
+    errors = np.array(batch["error"], dtype=object) if "error" in batch else np.full(len(values), "", dtype=object)
     for i, value in enumerate(values):
+        if errors[i]:
+            continue
         try:
             images[i] = decode_image(fetch(value), size)
         except (OSError, ImageDecodeError) as exc:
@@ -72,16 +75,51 @@ def _decode_rows(batch: dict[str, Any], size: int, column: str, fetch) -> dict[s
     return out
 
 
+@lru_cache(maxsize=8)
+def _filesystem(uri_root: str):
+    """One pyarrow filesystem per scheme and bucket (resolving one, e.g. S3's region, costs)."""
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem() if uri_root == "file://" else pafs.FileSystem.from_uri(uri_root)[0]
+
+
+def _filesystem_and_path(uri: str):
+    scheme, rest = uri.split("://", 1)
+    if scheme == "file":
+        return _filesystem("file://"), rest
+    return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}"), rest
+
+
 def read_file_bytes(path: str) -> bytes:
+    """A local path, or a URI (`s3://bucket/key`: the pool ids of object-store pools)."""
+    if "://" in path:
+        filesystem, inner = _filesystem_and_path(path)
+        with filesystem.open_input_stream(inner) as stream:
+            return stream.read()
     with open(path, "rb") as handle:
         return handle.read()
 
 
-@lru_cache(maxsize=2)
-def _parquet_column(file: str, column: str) -> list[bytes | None]:
+def _parquet_file(file: str):
+    """A local path or a URI (the ids of Parquet pools on object stores)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(file, columns=[column]).column(column).to_pylist()
+    if "://" in file:
+        filesystem, inner = _filesystem_and_path(file)
+        return pq.ParquetFile(filesystem.open_input_file(inner))
+    return pq.ParquetFile(file)
+
+
+@lru_cache(maxsize=16)
+def _row_group_starts(file: str) -> list[int]:
+    metadata = _parquet_file(file).metadata
+    return [0, *np.cumsum([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]).tolist()]
+
+
+@lru_cache(maxsize=2)
+def _row_group_column(file: str, group: int, column: str) -> list[bytes | None]:
+    """One row group of one column: a worker never holds a whole Parquet pool file."""
+    return _parquet_file(file).read_row_group(group, columns=[column]).column(column).to_pylist()
 
 
 def read_image_ref(ref: str, parquet_column: str = "image") -> bytes:
@@ -89,7 +127,9 @@ def read_image_ref(ref: str, parquet_column: str = "image") -> bytes:
     file, sep, row = ref.rpartition(PARQUET_ROW)
     if not sep:
         return read_file_bytes(ref)
-    return _parquet_column(file, parquet_column)[int(row)] or b""
+    starts = _row_group_starts(file)
+    group = int(np.searchsorted(starts, int(row), side="right")) - 1
+    return _row_group_column(file, group, parquet_column)[int(row) - starts[group]] or b""
 
 
 def decode_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:

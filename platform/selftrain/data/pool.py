@@ -1,46 +1,30 @@
-"""The unlabeled pool as a lazy Ray Dataset of `{path, bytes, label}` rows.
+"""The unlabeled pool as a lazy Ray Dataset of `{path, bytes, error, label}` rows.
 
-`data.unlabeled` may be a folder tree (any nesting), a glob, or Parquet (a file or a folder of
-files) with an image-bytes column. Rows are never collected on the driver; decoding happens
-later in `map_batches` with per-file error handling (see `decode.py`). Each row's `path` is
-its stable pool id: the file path, or `<parquet file>#row=<n>` for Parquet pools.
+`data.unlabeled` may be a folder tree (any nesting), a glob, Parquet (a file or a folder of
+files) with an image-bytes column, or any of these as a URI (`file://`, `s3://`, `gs://`, read
+through pyarrow filesystems). Nothing proportional to the pool is held on the driver: files are
+listed in Ray tasks (`listing.py`), read in Ray tasks, and decoded later in `map_batches` with
+per-file error handling (`decode.py`). Each row's `path` is its stable pool id: the file path
+(a URI for object stores), or `<parquet file>#row=<n>` for Parquet pools.
 """
 
 from __future__ import annotations
 
-import glob
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
-from selftrain.data.decode import IMAGE_EXTENSIONS, PARQUET_ROW
+from selftrain.data.decode import PARQUET_ROW
+from selftrain.data.listing import PARQUET, PoolLocation, list_below, list_top_level, locate, probe
 from selftrain.errors import DataError
 
-
-def _is_glob(spec: str) -> bool:
-    return any(ch in spec for ch in "*?[")
-
-
-def _parquet_files(spec: str) -> list[str]:
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".parquet":
-        return [str(path)]
-    if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
-        has_images = any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in path.rglob("*"))
-        return files if files and not has_images else []
-    return []
-
-
-def _has_image_file(root: str) -> bool:
-    for _, _, files in os.walk(root):  # stops at the first image: cheap on huge trees
-        if any(f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for f in files):
-            return True
-    return False
+ROWS_PER_READ_TASK = 256  # files per read+decode task: enough tasks to keep every CPU busy
+LIST_CPUS = 0.5  # every pool task: a whole CPU beside a 1-CPU scoring actor on 2 cores never runs
 
 
 def _label_from_folder(batch: dict[str, Any], classes: list[str] | None) -> dict[str, Any]:
@@ -50,37 +34,81 @@ def _label_from_folder(batch: dict[str, Any], classes: list[str] | None) -> dict
     return batch
 
 
-def _read_parquet_file(row: dict[str, Any], column: str) -> list[dict[str, Any]]:
-    table = pq.read_table(row["file"], columns=[column])
-    return [{"path": f"{row['file']}{PARQUET_ROW}{i}", "bytes": value or b""}
-            for i, value in enumerate(table.column(column).to_pylist())]
+def _read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        with open(path, "rb") as handle:  # the builtin is faster than pyarrow for small files
+            return handle.read()
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _read_files(batch: dict[str, Any], location: PoolLocation) -> dict[str, Any]:
+    """`{file}` -> `{path, bytes, error}`; a file that cannot be read keeps its row and reason."""
+    paths = list(batch["file"])
+    data = np.empty(len(paths), dtype=object)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, path in enumerate(paths):
+        try:
+            data[i] = _read_bytes(location.filesystem, path)
+        except OSError as exc:
+            data[i], errors[i] = b"", f"unreadable file: {exc}"
+    return {"path": np.array([location.pool_id(p) for p in paths], dtype=object), "bytes": data, "error": errors}
+
+
+def _read_parquet_rows(batch: dict[str, Any], location: PoolLocation, column: str) -> Iterator[dict[str, Any]]:
+    """One Parquet file per call, streamed in record batches (never a whole file in memory)."""
+    for file in batch["file"]:
+        with location.filesystem.open_input_file(file) as handle:
+            offset = 0
+            for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=ROWS_PER_READ_TASK, columns=[column]):
+                values = record_batch.column(0).to_pylist()
+                ids = [f"{location.pool_id(file)}{PARQUET_ROW}{offset + i}" for i in range(len(values))]
+                offset += len(values)
+                yield {"path": np.array(ids, dtype=object),
+                       "bytes": np.array([v or b"" for v in values], dtype=object),
+                       "error": np.full(len(values), "", dtype=object)}
+
+
+def _check_column(location: PoolLocation, parquet_file: str, column: str) -> None:
+    schema = pq.read_schema(parquet_file, filesystem=location.filesystem)
+    if column not in schema.names:
+        raise DataError(
+            f"data.unlabeled: Parquet file {location.pool_id(parquet_file)} has no column {column!r} "
+            f"(columns: {', '.join(schema.names)}); set data.parquet_image_column"
+        )
+
+
+def list_pool_files(location: PoolLocation, kind: str) -> ray.data.Dataset:
+    """Lazy `{file}` rows: the top level listed in one task, each sub-folder's tree in its own."""
+    seed = ray.data.from_items([{"root": location.root}])
+    top = seed.flat_map(list_top_level, fn_kwargs={"location": location}, num_cpus=LIST_CPUS)
+    # One sub-folder (or chunk of top-level files) per block, so sub-trees are listed in parallel.
+    return top.repartition(target_num_rows_per_block=1).flat_map(
+        list_below, fn_kwargs={"location": location, "kind": kind}, num_cpus=LIST_CPUS)
 
 
 def read_pool(spec: str, image_column: str, classes: list[str] | None) -> ray.data.Dataset:
-    """`classes` given: derive true labels from parent folder names (for pseudo-label accuracy)."""
-    spec = str(Path(spec).expanduser()) if not _is_glob(spec) else os.path.expanduser(spec)
-    parquet = [] if _is_glob(spec) else _parquet_files(spec)
-    if parquet:
-        schema = pq.read_schema(parquet[0])
-        if image_column not in schema.names:
-            raise DataError(
-                f"data.unlabeled: Parquet file {parquet[0]} has no column {image_column!r} "
-                f"(columns: {', '.join(schema.names)}); set data.parquet_image_column"
-            )
-        files = ray.data.from_items([{"file": f} for f in parquet])
-        rows = files.flat_map(_read_parquet_file, fn_kwargs={"column": image_column})
-        return rows.map_batches(_label_from_folder, fn_kwargs={"classes": None})
-    if _is_glob(spec):
-        paths = sorted(p for p in glob.glob(spec, recursive=True)
-                       if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
-        if not paths:
-            raise DataError(f"data.unlabeled: the glob {spec!r} matches no image files")
-    elif not os.path.exists(spec):
-        raise DataError(f"data.unlabeled: path does not exist: {spec}")
-    elif not _has_image_file(spec):
+    """`classes` given: derive true labels from parent folder names (for pseudo-label accuracy).
+
+    Raises DataError at once for a missing path, an unreachable URI, a Parquet pool without
+    `image_column`, or a folder with no pool file among its first entries; a pool whose files
+    all lie further on is only known to be empty after the pass (`score_pool` checks).
+    """
+    location = locate(spec)
+    kind, first = probe(location)
+    if kind is None and first is None and location.pattern is not None:
+        raise DataError(f"data.unlabeled: the glob {spec!r} matches no image files")
+    if kind is None and first is None:
         raise DataError(f"data.unlabeled: no image files (or Parquet) under {spec}")
-    else:
-        paths = spec
-    extensions = [*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)]
-    rows = ray.data.read_binary_files(paths, include_paths=True, file_extensions=extensions)
-    return rows.map_batches(_label_from_folder, fn_kwargs={"classes": classes})
+    if kind is None:
+        raise DataError(f"data.unlabeled: {spec} is neither an image nor a Parquet file")
+    files = list_pool_files(location, kind)
+    if kind == PARQUET:
+        _check_column(location, first, image_column)
+        rows = files.map_batches(_read_parquet_rows, batch_size=1, num_cpus=LIST_CPUS,
+                                 fn_kwargs={"location": location, "column": image_column})
+        rows = rows.repartition(target_num_rows_per_block=ROWS_PER_READ_TASK)
+        return rows.map_batches(_label_from_folder, fn_kwargs={"classes": None}, num_cpus=LIST_CPUS)
+    rows = files.repartition(target_num_rows_per_block=ROWS_PER_READ_TASK).map_batches(
+        _read_files, fn_kwargs={"location": location}, batch_size=None, num_cpus=LIST_CPUS)
+    return rows.map_batches(_label_from_folder, fn_kwargs={"classes": classes}, num_cpus=LIST_CPUS)

@@ -3,7 +3,7 @@
 Reads the teacher's scores (Parquet), keeps rows with confidence >= τ, balances classes to k
 rows each (Noisy Student, Sec. 3.1), computes targets softmax(z/T) (or one-hot), and writes
 `pseudo_labels/` as Parquet. Statistics come from one streaming pass; nothing scales with the
-pool on the driver except the list of unreadable files.
+pool on the driver (unreadable files are counted, and the first `LISTED` named).
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import ray.data
 
 from selftrain.config import PseudoLabelConfig
 from selftrain.errors import PseudoLabelError
-from selftrain.methods.pseudo_label import balance_class, default_per_class, targets
+from selftrain.methods.pseudo_label import default_per_class, targets
+from selftrain.stages.balance import balance
 
 BINS = 100  # confidence histogram resolution: quantiles are exact to 0.01
+ROWS_PER_FILE = 50_000  # pseudo-label Parquet shards: ~20 files for 1M rows, never one per class
+LISTED = 1000  # unreadable files named on the driver: a bounded list, however large the pool
 
 
 @dataclass
@@ -31,7 +34,8 @@ class PoolStats:
     kept_with_truth: int = 0
     histogram_kept: list[int] = field(default_factory=lambda: [0] * BINS)
     histogram_dropped: list[int] = field(default_factory=lambda: [0] * BINS)
-    rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason
+    rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason: the first LISTED
+    rejected_count: int = 0  # every unreadable file (the scores Parquet lists them all)
 
     @property
     def kept(self) -> int:
@@ -58,7 +62,8 @@ def _batch_stats(batch: pd.DataFrame, threshold: float, num_classes: int) -> pd.
         "kept_with_truth": int((kept & truth).sum()),
         "histogram_kept": np.histogram(good["confidence"][kept], bins)[0].tolist(),
         "histogram_dropped": np.histogram(good["confidence"][~kept], bins)[0].tolist(),
-        "rejected": [{"path": p, "reason": r} for p, r in zip(batch["path"][bad], batch["error"][bad])],
+        "rejected": [{"path": p, "reason": r} for p, r in zip(batch["path"][bad][:LISTED], batch["error"][bad][:LISTED])],
+        "rejected_count": int(bad.sum()),
     }])
 
 
@@ -74,16 +79,13 @@ def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int) -> 
         stats.kept_with_truth += int(part["kept_with_truth"])
         for name in ("kept_per_class", "histogram_kept", "histogram_dropped"):
             setattr(stats, name, np.add(getattr(stats, name), part[name]).astype(int).tolist())
-        stats.rejected += list(part["rejected"])
+        stats.rejected = (stats.rejected + list(part["rejected"]))[:LISTED]
+        stats.rejected_count += int(part["rejected_count"])
     return stats
 
 
 def _keep(batch: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return batch[(batch["error"] == "") & (batch["confidence"] >= threshold)]
-
-
-def _balance(group: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
-    return balance_class(group, k, seed + int(group["prediction"].iloc[0]))
 
 
 def _to_pseudo_labels(batch: pd.DataFrame, cfg: PseudoLabelConfig, meta: dict[str, Any]) -> pd.DataFrame:
@@ -102,7 +104,7 @@ def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -
     """Stop before training on nothing, saying why (scores stay on disk for another τ)."""
     if stats.scored == 0:
         raise PseudoLabelError(
-            f"no pool image could be scored ({len(stats.rejected)} unreadable); see 'rejected'"
+            f"no pool image could be scored ({stats.rejected_count} unreadable); see 'rejected'"
         )
     if stats.kept == 0:
         top = max((i for i, c in enumerate(np.add(stats.histogram_kept, stats.histogram_dropped)) if c), default=0)
@@ -131,13 +133,12 @@ def select_pseudo_labels(
     rows = stats.kept
     if cfg.balance:
         k = cfg.per_class or default_per_class(pd.Series(stats.kept_per_class))
-        kept = kept.groupby("prediction").map_groups(_balance, batch_format="pandas",
-                                                      fn_kwargs={"k": k, "seed": seed})
+        kept = balance(kept, stats.kept_per_class, k, seed)
         rows = k * sum(1 for n in stats.kept_per_class if n > 0)
     labels = kept.map_batches(_to_pseudo_labels, batch_format="pandas",
                               fn_kwargs={"cfg": cfg, "meta": meta})
     target = out_dir / "pseudo_labels"
-    labels.write_parquet(str(target))
+    labels.write_parquet(str(target), min_rows_per_file=ROWS_PER_FILE)
     return str(target), stats, rows
 
 
@@ -148,7 +149,7 @@ def stats_metrics(stats: PoolStats, rows: int, classes: list[str]) -> dict[str, 
         "pseudo/kept": stats.kept,
         "pseudo/kept_fraction": stats.kept / stats.scored if stats.scored else 0.0,
         "pseudo/rows_after_balance": rows,
-        "pseudo/rejected": len(stats.rejected),
+        "pseudo/rejected": stats.rejected_count,
     }
     for q in (0.1, 0.5, 0.9):
         metrics[f"pseudo/confidence_p{int(q * 100)}"] = stats.confidence_quantile(q)

@@ -1,0 +1,184 @@
+"""`selftrain bench`: is the platform as fast as the hardware, with a flat driver memory?
+
+Three measurements on the current machine, each a ratio against a bare baseline (see the
+module of each part for exactly what each side includes):
+
+1. `scoring_ratio`: teacher scoring through the Ray Data pipeline / a bare PyTorch loop over the
+   same decoded images (goal >= 0.90);
+2. `training_ratio`: student training through Ray Train (1 worker) / a bare loop over the same
+   prepared rows (goal >= 0.85);
+3. `driver_rss_ratio`: peak driver RSS scoring a pool of 10 N files / of N files (goal <= 1.2).
+
+`--quick` (2-core laptop, CPU, a few minutes) uses small models and pools; the full mode is
+for real hardware: ResNet-50 at 224 px with bf16 AMP and channels_last on a GPU, CPU vs GPU
+JPEG decoding, pools of 100k and 1M files.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selftrain.config import ScoringConfig
+
+PARTS = ("driver_memory", "scoring", "training")
+GOALS = {"scoring_ratio": (">=", 0.90), "training_ratio": (">=", 0.85), "driver_rss_ratio": ("<=", 1.2)}
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    scoring_arch: str
+    scoring_images: int
+    scoring_source_size: int  # generated JPEGs are this size, decoded and resized to image_size
+    image_size: int
+    scoring_batch: int
+    training_arch: str
+    training_images: int
+    training_size: int
+    training_epochs: int
+    training_batch: int
+    pool_small: int  # files; the large pool is 10x
+    pool_image_size: int
+    cpus_per_actor: float
+
+
+QUICK = BenchSizes("resnet18", 2048, 40, 32, 256, "resnet18", 768, 32, 2, 64, 5_000, 8, 1.0)
+FULL = BenchSizes("resnet50", 32768, 256, 224, 256, "resnet50", 12800, 224, 3, 128, 100_000, 8, 4.0)
+
+
+def _model_dir(root: Path, arch: str, size: int, num_classes: int = 10) -> str:
+    from selftrain.models.registry import build_model
+    from selftrain.training.loop import save_model
+
+    directory = root / f"{arch}-{size}"
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(directory, build_model(arch, num_classes),
+               {"arch": arch, "num_classes": num_classes, "classes": [str(c) for c in range(num_classes)],
+                "image_size": size})
+    return str(directory)
+
+
+def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
+              say=print) -> dict[str, Any]:
+    """Run the chosen parts on the running Ray; returns the JSON-ready results."""
+    from selftrain.stages.score import wants_gpu
+
+    sizes = QUICK if quick else FULL
+    use_gpu = wants_gpu("auto") and torch.cuda.is_available()
+    scoring = ScoringConfig(batch_size=sizes.scoring_batch, cpus_per_actor=sizes.cpus_per_actor,
+                            use_gpu=use_gpu)
+    results: dict[str, Any] = {
+        "mode": "quick" if quick else "full", "sizes": asdict(sizes), "device": _device(use_gpu),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with tempfile.TemporaryDirectory(prefix="selftrain-bench-", dir=tmp_root) as tmp:
+        models = Path(tmp)
+        if "driver_memory" in parts:  # first: the cleanest driver process
+            from selftrain.bench.driver_memory import run_driver_memory
+
+            say(f"driver memory: scoring pools of {sizes.pool_small:,} and {10 * sizes.pool_small:,} files")
+            pool_cfg = scoring.model_copy(update={"batch_size": 1024})
+            results["driver_memory"] = run_driver_memory(
+                sizes.pool_small, _model_dir(models, "resnet18", sizes.pool_image_size),
+                sizes.pool_image_size, pool_cfg, tmp_root)
+        if "scoring" in parts:
+            from selftrain.bench.scoring import run_scoring
+
+            say(f"scoring: {sizes.scoring_arch} at {sizes.image_size} px, {sizes.scoring_images:,} images")
+            results["scoring"] = run_scoring(
+                _model_dir(models, sizes.scoring_arch, sizes.image_size), sizes.scoring_images,
+                sizes.scoring_source_size, sizes.image_size, scoring, use_gpu)
+        if "training" in parts:
+            from selftrain.bench.training import run_training
+
+            say(f"training: {sizes.training_arch} at {sizes.training_size} px, {sizes.training_images:,} images")
+            results["training"] = run_training(
+                sizes.training_arch, sizes.training_images, sizes.training_size, sizes.training_epochs,
+                sizes.training_batch, sizes.cpus_per_actor, use_gpu)
+    results["ratios"] = ratios(results)
+    return results
+
+
+def _device(use_gpu: bool) -> str:
+    import os
+
+    cpu = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+    return f"{torch.cuda.get_device_name(0)}, {cpu}" if use_gpu else f"CPU only, {cpu}"
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    found = {}
+    for part, key in (("scoring", "scoring_ratio"), ("training", "training_ratio"),
+                      ("driver_memory", "driver_rss_ratio")):
+        if part in results:
+            found[key] = results[part][key]
+    return found
+
+
+def table(results: dict[str, Any]) -> str:
+    """The printed summary: one line per measurement, ratio and goal."""
+    lines = [f"selftrain bench ({results['mode']}) on {results['device']}",
+             f"{'measurement':<44}{'pipeline':>14}{'bare':>14}{'ratio':>9}  goal"]
+
+    def row(name: str, pipeline: float, bare: float | None, key: str | None, unit: str = "img/s") -> None:
+        ratio = results["ratios"].get(key) if key else None
+        goal = f"{GOALS[key][0]} {GOALS[key][1]}" if key else ""
+        met = "" if ratio is None else ("  met" if _met(key, ratio) else "  NOT met")
+        bare_text = f"{bare:>10,.1f} {unit}" if bare is not None else " " * 14
+        ratio_text = f"{ratio:>9.3f}" if ratio is not None else " " * 9
+        lines.append(f"{name:<44}{pipeline:>10,.1f} {unit}{bare_text}{ratio_text}  {goal}{met}")
+
+    if "scoring" in results:
+        s = results["scoring"]
+        row("1. scoring, same decoded images", s["pipeline_images_per_s"], s["bare_images_per_s"], "scoring_ratio")
+        row("   pipeline from JPEG, CPU decode tasks", s["pipeline_cpu_decode_images_per_s"], None, None)
+        if "pipeline_gpu_decode_images_per_s" in s:
+            row("   pipeline from JPEG, GPU decode in actor", s["pipeline_gpu_decode_images_per_s"], None, None)
+            row("   GPU JPEG decode+resize alone", s["gpu_decode_images_per_s"], None, None)
+        row("   CPU decode+resize, one process", s["cpu_decode_images_per_s_one_process"], None, None)
+    if "training" in results:
+        t = results["training"]
+        row("2. training, Ray Train 1 worker vs bare", t["ray_train_images_per_s"], t["bare_images_per_s"],
+            "training_ratio")
+    if "driver_memory" in results:
+        d = results["driver_memory"]
+        for name in ("small", "large"):
+            p = d[name]
+            lines.append(f"   pool of {p['files']:>9,} files: {p['images_per_s']:>8,.1f} img/s, driver RSS "
+                         f"{p['rss_before_mb']:,.0f} MB before, peak {p['rss_peak_mb']:,.0f} MB")
+        row("3. driver RSS peak, 10x pool / 1x pool", d["large"]["rss_peak_mb"], d["small"]["rss_peak_mb"],
+            "driver_rss_ratio", unit="MB   ")
+    return "\n".join(lines)
+
+
+def _met(key: str, value: float) -> bool:
+    op, goal = GOALS[key]
+    return value >= goal if op == ">=" else value <= goal
+
+
+def record(results: dict[str, Any], out: Path, command: str) -> str | None:
+    """Write the JSON; log params, ratios and the JSON to MLflow (None when mlflow is missing)."""
+    results["command"] = command
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    try:
+        from selftrain.tracking import Tracker, flatten
+    except ImportError:  # e.g. a GPU box with ray and torch but no mlflow: the JSON still counts
+        return None
+    tracker = Tracker("selftrain-bench")
+    run_id = tracker.start_run(f"bench-{results['mode']}", tags={"selftrain.bench": results["mode"]})
+    tracker.log_params(run_id, {"mode": results["mode"], "device": results["device"], "command": command,
+                                "sizes": results["sizes"]})
+    numbers = {f"bench/{k}": v for k, v in flatten({p: results[p] for p in PARTS if p in results}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker.log_metrics(run_id, {**numbers, **{f"bench/{k}": v for k, v in results["ratios"].items()}})
+    tracker.log_artifact(run_id, out)
+    tracker.finish(run_id)
+    return run_id

@@ -1,0 +1,102 @@
+"""Bench part 3: peak driver RSS while scoring generated pools of N and 10 N image files.
+
+The pool is real files on disk (nested folders of `PER_FOLDER` files, the layout of a sharded
+image store), read by the real `read_pool` and scored by the real `score_pool` (Parquet out,
+then the after-pass checks) with a small model at a small image size, so the pass is quick and
+the driver's own memory is what varies. A background thread samples this process's RSS; the
+peak during each pass is reported, with the RSS just before it.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from selftrain.config import ScoringConfig
+from selftrain.data.pool import read_pool
+from selftrain.stages.score import score_pool
+
+PER_FOLDER = 1000
+SAMPLE_SECONDS = 0.02
+
+
+def _pngs(distinct: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(distinct):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def write_pool(root: Path, count: int, seed: int = 0) -> None:
+    """`count` PNG files in folders of PER_FOLDER; a few distinct encodings, written fast."""
+    encoded = _pngs(16, seed)
+    for folder_index, first in enumerate(range(0, count, PER_FOLDER)):
+        folder = root / f"shard{folder_index:05d}"
+        folder.mkdir(parents=True)
+        for i in range(first, min(first + PER_FOLDER, count)):
+            (folder / f"{i:08d}.png").write_bytes(encoded[i % len(encoded)])
+
+
+class PeakRss:
+    """Peak resident memory of this process while the `with` block runs, sampled in a thread."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.before = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(SAMPLE_SECONDS)
+
+    def __enter__(self) -> PeakRss:
+        self.before = self.peak = self.process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def score_generated_pool(count: int, model_dir: str, image_size: int, cfg: ScoringConfig,
+                         tmp_root: str | None) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"selftrain-bench-pool-{count}-", dir=tmp_root))
+    try:
+        start = time.perf_counter()
+        write_pool(work / "pool", count)
+        generate_seconds = time.perf_counter() - start
+        with PeakRss() as rss:
+            start = time.perf_counter()
+            scores = score_pool(read_pool(str(work / "pool"), "image", None), model_dir, cfg, image_size,
+                                work / "out", pool_name=f"bench pool of {count}")
+            seconds = time.perf_counter() - start
+        shards = len(list(Path(scores).glob("*.parquet")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"files": count, "generate_seconds": generate_seconds, "score_seconds": seconds,
+            "images_per_s": count / seconds, "rss_before_mb": rss.before / 2**20,
+            "rss_peak_mb": rss.peak / 2**20, "scores_parquet_files": shards}
+
+
+def run_driver_memory(small: int, model_dir: str, image_size: int, cfg: ScoringConfig,
+                      tmp_root: str | None) -> dict[str, Any]:
+    """Small pool first, then 10x: any growth with the pool shows in the second peak."""
+    first = score_generated_pool(small, model_dir, image_size, cfg, tmp_root)
+    second = score_generated_pool(10 * small, model_dir, image_size, cfg, tmp_root)
+    return {"small": first, "large": second, "driver_rss_ratio": second["rss_peak_mb"] / first["rss_peak_mb"]}

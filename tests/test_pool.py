@@ -1,0 +1,127 @@
+"""The unlabeled pool read through pyarrow filesystems, listed in Ray tasks, and bad pools."""
+
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from selftrain.config import ScoringConfig
+from selftrain.data import listing
+from selftrain.data.listing import glob_regex
+from selftrain.data.pool import read_pool
+from selftrain.errors import DataError
+from selftrain.models.registry import build_model
+from selftrain.stages.score import check_scores, score_pool
+from selftrain.training.loop import save_model
+
+from conftest import png_bytes, write_corrupt_files
+
+GOOD = png_bytes(np.full((8, 8), 90, np.uint8))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    save_model(directory, build_model("resnet18", 3), {"arch": "resnet18", "num_classes": 3,
+                                                         "classes": ["a", "b", "c"], "image_size": 8})
+    return str(directory)
+
+
+def _tree(root, files):
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _paths(dataset) -> list[str]:
+    return sorted(dataset.select_columns(["path"]).to_pandas()["path"])  # tiny test pools only
+
+
+def test_glob_matches_like_the_shell():
+    assert glob_regex("**/*.png").match("a/b/x.png") and glob_regex("**/*.png").match("x.png")
+    assert not glob_regex("*.png").match("a/x.png")
+    assert glob_regex("s[0-9]/?.jp*g").match("s3/x.jpeg") and not glob_regex("s[!0-9]/x.jpg").match("s3/x.jpg")
+
+
+def test_file_uri_pool_lists_nested_folders_and_globs(ray_session, tmp_path):
+    root = _tree(tmp_path / "pool", {
+        "top.png": GOOD, "a/1.png": GOOD, "a/b/2.jpg": GOOD, "c/3.PNG": GOOD,
+        "c/notes.txt": b"not a pool file", "c/.hidden.png": GOOD, "a/_SUCCESS": b"",
+    })
+    expected = [str(root / p) for p in ("a/1.png", "a/b/2.jpg", "c/3.PNG", "top.png")]
+    assert _paths(read_pool(f"file://{root}", "image", None)) == expected
+    assert _paths(read_pool(str(root), "image", None)) == expected
+    assert _paths(read_pool(f"file://{root}/**/*.png", "image", None)) == [str(root / "a/1.png"), str(root / "top.png")]
+    assert _paths(read_pool(f"{root}/a/*", "image", None)) == [str(root / "a/1.png")]
+    rows = read_pool(f"file://{root}/a/b/2.jpg", "image", None).to_pandas()
+    assert rows["path"].tolist() == [str(root / "a/b/2.jpg")] and rows["bytes"][0] == GOOD
+
+
+def test_parquet_folder_uri_streams_rows_with_stable_ids(ray_session, tmp_path):
+    images = [png_bytes(np.full((8, 8), v % 256, np.uint8)) + bytes([v % 7]) for v in range(600)]  # > 1 batch
+    (tmp_path / "pq" / "part").mkdir(parents=True)
+    pq.write_table(pa.table({"img": images[:500]}), tmp_path / "pq" / "part" / "0.parquet")
+    pq.write_table(pa.table({"img": images[500:]}), tmp_path / "pq" / "1.parquet")
+    rows = read_pool(f"file://{tmp_path / 'pq'}", "img", None).to_pandas().set_index("path")
+    assert len(rows) == 600
+    assert rows.loc[f"{tmp_path / 'pq' / 'part' / '0.parquet'}#row=499", "bytes"] == images[499]
+    assert rows.loc[f"{tmp_path / 'pq' / '1.parquet'}#row=99", "bytes"] == images[599]
+    with pytest.raises(DataError, match=r"pq/1.parquet has no column 'image' \(columns: img\); set data.parquet_image_column"):
+        read_pool(f"file://{tmp_path / 'pq'}", "image", None)
+
+
+def test_unreachable_and_empty_pools_are_named_at_once(ray_session, tmp_path):
+    missing = f"file://{tmp_path}/no-such-folder"
+    with pytest.raises(DataError, match=f"path does not exist: {missing}"):
+        read_pool(missing, "image", None)
+    bucket = f"s3://selftrain-no-such-bucket-{uuid.uuid4().hex[:12]}/pool"
+    with pytest.raises(DataError, match=f"cannot reach {bucket}: .+"):  # the reason from pyarrow
+        read_pool(bucket, "image", None)
+    with pytest.raises(DataError, match="cannot reach unknown-scheme://x/pool: Unrecognized filesystem type"):
+        read_pool("unknown-scheme://x/pool", "image", None)
+    _tree(tmp_path / "texts", {"a/readme.txt": b"x", "b.csv": b"y"})
+    with pytest.raises(DataError, match=f"no image files \\(or Parquet\\) under file://{tmp_path}/texts"):
+        read_pool(f"file://{tmp_path}/texts", "image", None)
+    with pytest.raises(DataError, match=r"the glob '.+/texts/\*\*/\*.jpg' matches no image files"):
+        read_pool(f"{tmp_path}/texts/**/*.jpg", "image", None)
+
+
+def test_a_pool_found_empty_only_by_the_pass_stops(ray_session, tmp_path, model_dir, monkeypatch):
+    # More non-image entries than the driver's probe looks at: only the streamed pass can tell.
+    monkeypatch.setattr(listing, "PROBE_LIMIT", 2)
+    _tree(tmp_path / "pool", {f"d{i}/notes{i}.txt": b"x" for i in range(4)})
+    pool = read_pool(str(tmp_path / "pool"), "image", None)
+    with pytest.raises(DataError, match=r"data.unlabeled=.+/pool: the pool holds no image files"):
+        score_pool(pool, model_dir, ScoringConfig(), 8, tmp_path / "out",
+                   pool_name=f"data.unlabeled={tmp_path / 'pool'}")
+
+
+def test_a_mostly_unreadable_pool_stops_naming_examples_and_keeps_the_scores(ray_session, tmp_path, model_dir):
+    bad = write_corrupt_files(tmp_path / "pool" / "bad")
+    _tree(tmp_path / "pool", {"good/1.png": GOOD, "good/2.png": GOOD})
+    pool = f"file://{tmp_path / 'pool'}"
+    with pytest.raises(DataError) as caught:
+        score_pool(read_pool(pool, "image", None), model_dir, ScoringConfig(max_rejected_fraction=0.5),
+                   8, tmp_path / "strict")
+    message = str(caught.value)
+    assert "3 of 5 pool files (60.0%) are unreadable, more than scoring.max_rejected_fraction=0.5" in message
+    assert all(path in message for path in bad) and "empty file" in message
+    kept = pd.read_parquet(tmp_path / "strict" / "scores")
+    assert len(kept) == 5 and (kept["error"] != "").sum() == 3
+    # A limit above 3/5 lets the same scores through (checked on the Parquet kept above).
+    assert check_scores(str(tmp_path / "strict" / "scores"), 0.6, "pool") == (5, 3)
+
+
+def test_a_parquet_row_is_read_from_its_row_group_by_id(tmp_path):
+    from selftrain.data.decode import read_image_ref
+
+    values = [bytes([i % 256, i // 256]) for i in range(1000)]
+    pq.write_table(pa.table({"image": values}), tmp_path / "pool.parquet", row_group_size=128)
+    for row in (0, 127, 128, 129, 500, 999):
+        assert read_image_ref(f"{tmp_path / 'pool.parquet'}#row={row}") == values[row]
+        assert read_image_ref(f"file://{tmp_path / 'pool.parquet'}#row={row}") == values[row]
+    assert read_image_ref(f"file://{tmp_path / 'pool.parquet'}") == (tmp_path / "pool.parquet").read_bytes()

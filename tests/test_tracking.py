@@ -45,3 +45,35 @@ def test_params_are_written_once_and_reopened_runs_run_again(mlflow_store):
     tracker.finish(run, "FAILED")
     tracker.reopen(run)
     assert tracker.client.get_run(run).info.status == "RUNNING"
+
+
+def test_a_restored_trial_finds_its_run_instead_of_making_a_second(mlflow_store):
+    tracker = Tracker("exp")
+    parent, other_parent = tracker.start_run("sweep"), tracker.start_run("other sweep")
+    first = tracker.find_or_start_run("trial-a", parent, "selftrain.trial_id", "a", {"selftrain.role": "trial"})
+    tracker.finish(first, "KILLED")  # as after a driver crash
+    again = tracker.find_or_start_run("trial-a", parent, "selftrain.trial_id", "a")
+    assert again == first and tracker.status(first) == "RUNNING"
+    assert tracker.find_or_start_run("trial-b", parent, "selftrain.trial_id", "b") != first
+    assert tracker.find_or_start_run("trial-a", other_parent, "selftrain.trial_id", "a") != first
+    assert len(tracker.runs(parent)) == 2
+
+
+def test_threaded_callers_get_no_signal_handler_and_still_mark_failures(mlflow_store):
+    import threading
+
+    tracker = Tracker("exp")
+    run = tracker.start_run("trial")
+    errors = []
+
+    def trial():
+        try:
+            with tracker.terminating([run]):
+                raise RuntimeError("trial failed")
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=trial)
+    thread.start()
+    thread.join()
+    assert errors == ["trial failed"] and tracker.status(run) == "FAILED"

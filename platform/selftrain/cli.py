@@ -13,10 +13,13 @@ from selftrain.errors import SelftrainError
 def _run(args: argparse.Namespace) -> int:
     from selftrain.config import load_config
     from selftrain.ray_runtime import init_ray
-    from selftrain.self_training import run_pipeline, summary_table
+    from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
+    check_tracking_store()  # a dead MLflow server or Ray address fails here, in seconds
     init_ray(args.num_cpus)
+    from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
+
     start = time.monotonic()
 
     def say(line: str) -> None:

@@ -22,3 +22,11 @@ class PseudoLabelError(SelftrainError):
 
 class TrainingError(SelftrainError):
     """Training diverged (NaN/inf loss) or failed."""
+
+
+class ClusterError(SelftrainError):
+    """The Ray cluster named by RAY_ADDRESS does not answer or lacks the project's dependencies."""
+
+
+class TrackingError(SelftrainError):
+    """The MLflow tracking store does not answer."""

@@ -44,7 +44,7 @@ def test_a_dead_server_at_the_start_fails_in_seconds_naming_it(tmp_path):
     assert elapsed < 60, f"took {elapsed:.0f} s"
 
 
-def test_a_server_that_dies_mid_run_loses_logs_not_the_run(tmp_path):
+def test_a_server_that_dies_mid_run_loses_logs_not_the_run(tmp_path, capsys):
     with mlflow_server(tmp_path) as (url, server):
         # Credentials in the URI: the server has no auth and ignores them; they must never show.
         tracker = Tracker("outage", url.replace("http://", "http://bob:hunter2@"))
@@ -53,7 +53,9 @@ def test_a_server_that_dies_mid_run_loses_logs_not_the_run(tmp_path):
         tracker.log_params(parent, {"train": {"epochs": 3}})
         tracker.log_metrics(child, {"train/loss": 1.5}, step=0)
         tracker.log_figure(child, accuracy_per_iteration([0.5, 0.6], ["a", "b"]), "accuracy.png")
+        tracker.finish(tracker.start_run("finished before the outage", parent_id=parent))
         assert tracker.outage() is None
+        assert "hunter2" not in "".join(capsys.readouterr())  # MLflow prints run URLs on finish
         stop(server)  # the server goes down mid-run
         start = time.monotonic()
         for step in (1, 2, 3):

@@ -85,6 +85,8 @@ class Tracker:
     def __init__(self, experiment: str, uri: str | None = None):
         self.uri = uri or tracking_uri()
         self.display_uri = check_tracking_store(self.uri)
+        if self.display_uri != self.uri:  # MLflow prints "View run ... at: <uri>", password included
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)

@@ -29,6 +29,11 @@ def test_redact_masks_passwords_only(uri, shown):
     assert redact(f"API request to {uri}/api/2.0 failed") == f"API request to {shown}/api/2.0 failed"
 
 
+def test_a_tracker_on_a_dead_server_is_refused_naming_it():
+    with pytest.raises(TrackingError, match=r"store http://127\.0\.0\.1:1 \(MLFLOW_TRACKING_URI\) does not answer"):
+        Tracker("exp", "http://127.0.0.1:1")
+
+
 def test_a_dead_server_at_the_start_fails_in_seconds_naming_it(tmp_path):
     env = {"MLFLOW_TRACKING_URI": "http://user:hunter2@127.0.0.1:1", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO / "platform"), "HOME": str(tmp_path)}

@@ -16,7 +16,7 @@ def _run(args: argparse.Namespace) -> int:
     from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
-    check_tracking_store()  # a dead MLflow server or Ray address fails here, in seconds
+    check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
     init_ray(args.num_cpus)
     from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
 

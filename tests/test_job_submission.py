@@ -1,4 +1,5 @@
-"""The smoke pipeline submitted as a Ray job to a real head node on loopback.
+"""The smoke pipeline submitted as a Ray job to a real head node on loopback, exactly as the
+README says: `ray job submit --working-dir . -- selftrain run pipelines/smoke.yaml`.
 
 The head node is started here (`ray start --head --block`, its own temp dir and ports) and
 stopped by the pid of that process, never with `ray stop`: other Rays on the machine live on.
@@ -33,7 +34,9 @@ def _free_port() -> int:
 def _cli_env() -> dict[str, str]:
     # Ray 2.60 turns token auth on for a head started where ~/.ray/auth_token exists; clients
     # must then say RAY_AUTH_MODE=token (the README says so too).
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    # A job runs `selftrain` from the PATH of the head's `ray start`: the venv's bin comes first.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -46,10 +49,14 @@ def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def head_node():
     # Ray's socket paths must stay short (AF_UNIX limit), hence a short temp dir of our own.
     temp_dir = tempfile.mkdtemp(prefix="stj", dir="/tmp")
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
+    # Every fixed default port chosen free: other heads on this machine (tests run in parallel)
+    # hold 52365 (job agent) or 10001 (Ray client), and a second agent there never registers
+    # ("No available agent to submit job").
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -79,13 +86,25 @@ def _wait_for_job_api(address: str, head: subprocess.Popen, timeout: float = 120
     pytest.fail(f"the job API at {address} did not answer within {timeout} s: {last}")
 
 
+def _submit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    # `job list` answers before the head's job agent has registered; a submit in that window
+    # gets "No available agent to submit job, please try again later" (seen on a loaded machine).
+    deadline = time.monotonic() + timeout
+    while True:
+        submitted = _ray(*args)
+        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+            return submitted
+        time.sleep(2)
+
+
 def test_smoke_pipeline_runs_as_a_ray_job_on_the_submitted_cluster(head_node, digits, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     output = tmp_path / "run"
-    submitted = _ray(
+    submitted = _submit(
         "job", "submit", "--address", head_node, "--submission-id", "selftrain-smoke", "--no-wait",
+        "--working-dir", str(REPO),  # uploaded to the cluster; the job starts inside it
         "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}}), "--",
-        str(Path(sys.executable).with_name("selftrain")), "run", str(REPO / "pipelines" / "smoke.yaml"),
+        "selftrain", "run", "pipelines/smoke.yaml",
         f"output_dir={output}", f"data.labeled={digits.labeled}", f"data.unlabeled={digits.unlabeled}",
         f"data.test={digits.test}", "name=smoke-job",
     )
@@ -102,6 +121,8 @@ def test_smoke_pipeline_runs_as_a_ray_job_on_the_submitted_cluster(head_node, di
     assert "job 'selftrain-smoke' succeeded" in status, logs[-3000:]
     # The entry point joined the cluster it was submitted to instead of starting its own.
     assert "Started a local Ray instance" not in logs and "final student vs teacher" in logs
+    # `pipelines/smoke.yaml` is relative: it resolved only because the job ran in the uploaded --working-dir.
     summary = json.loads((output / "summary.json").read_text())
+    assert summary["tracking_uri"] == store and summary["tracking_errors"] == []
     run = MlflowClient(store).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "run"

@@ -26,10 +26,13 @@ def _progress() -> Callable[[str], None]:
 def _run(args: argparse.Namespace) -> int:
     from selftrain.config import load_config
     from selftrain.ray_runtime import init_ray
-    from selftrain.self_training import run_pipeline, summary_table
+    from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
+    check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
     init_ray(args.num_cpus)
+    from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
+
     summary = run_pipeline(cfg, say=_progress())
     print(summary_table(summary))
     print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
@@ -40,8 +43,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from selftrain.config import load_sweep
     from selftrain.ray_runtime import init_ray
     from selftrain.sweep import run_sweep, sweep_table
+    from selftrain.tracking import check_tracking_store
 
     cfg, sweep = load_sweep(args.sweep, args.overrides)
+    check_tracking_store()
     init_ray(args.num_cpus)
     summary = run_sweep(cfg, sweep, resume=args.resume, say=_progress())
     print(sweep_table(summary))

@@ -24,9 +24,13 @@ class TrainingError(SelftrainError):
     """Training diverged (NaN/inf loss) or failed."""
 
 
+class ClusterError(SelftrainError):
+    """The Ray cluster named by RAY_ADDRESS does not answer or lacks the project's dependencies."""
+
+
 class TrackingError(SelftrainError):
-    """The MLflow store cannot be used as asked (unknown experiment, unreachable server)."""
+    """The MLflow tracking store does not answer, or has no such experiment."""
 
 
 class SweepError(SelftrainError):
-    """A sweep could not produce a result (every trial failed), or cannot resume."""
+    """A sweep could not produce a result (every trial failed)."""

@@ -34,7 +34,7 @@ from selftrain.stages.evaluate import evaluate
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, stats_record
 from selftrain.stages.score import score_pool
 from selftrain.stages.train import train_model, training_dataset
-from selftrain.tracking import Tracker
+from selftrain.tracking import Tracker, redact
 
 
 @dataclass
@@ -84,6 +84,11 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dic
         tracker.log_json(parent_id, cfg.model_dump(), "config.json")
         tracker.log_artifact(parent_id, out / "summary.json")
         tracker.finish(parent_id)
+    outage = tracker.outage()
+    if outage:  # the results on disk are complete; say what the MLflow record lacks
+        summary["tracking_errors"] = [outage]
+        _write_summary(out, summary)
+        say(outage["message"])
     return summary
 
 
@@ -92,12 +97,12 @@ def open_tracking(experiment: str, out: Path, ledger: Ledger, say: Callable[[str
     """The MLflow parent run of `out`: created once, re-opened on resume, never in another store."""
     tracker = Tracker(experiment)
     recorded_uri = ledger.get("tracking_uri")
-    if recorded_uri and recorded_uri != tracker.uri:
+    if recorded_uri and redact(recorded_uri) != tracker.display_uri:  # compared masked: never stored clear
         raise ConfigError(
-            f"{out} was tracked in MLflow store {recorded_uri}, but this run would use {tracker.uri}; "
-            "resume from the same directory or set MLFLOW_TRACKING_URI to the recorded store"
+            f"{out} was tracked in MLflow store {redact(recorded_uri)}, but this run would use "
+            f"{tracker.display_uri}; resume from the same directory or set MLFLOW_TRACKING_URI to the recorded store"
         )
-    ledger.put("tracking_uri", tracker.uri)
+    ledger.put("tracking_uri", tracker.display_uri)
     parent_id = ledger.get("mlflow_run_id")
     if parent_id:
         say(f"resuming {out} (MLflow run {parent_id})")
@@ -215,7 +220,7 @@ def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
             rejected[r["path"]] = r["reason"]
     summary = {
         "mlflow_run_id": run.parent_id,
-        "tracking_uri": run.tracker.uri,
+        "tracking_uri": run.tracker.display_uri,
         "experiment": run.cfg.name,
         "classes": run.sets.classes,
         "teacher_test_accuracy": results[0]["test_accuracy"],
@@ -223,9 +228,14 @@ def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
         "teacher_scoring_passes": run.cfg.iterations,
         "iterations": results,
         "rejected": [{"path": p, "reason": r} for p, r in sorted(rejected.items())],
+        "tracking_errors": [run.tracker.outage()] if run.tracker.outage() else [],
     }
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_summary(run.out, summary)
     return summary
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -206,7 +206,7 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
                            + yaml.safe_dump(best_cfg.model_dump(), sort_keys=False))
     passes = (1 if run.ledger.get("iter1/scores") else 0) + sum(t["teacher_scoring_passes"] for t in trials)
     summary = {
-        "mlflow_run_id": run.parent_id, "tracking_uri": run.tracker.uri, "experiment": cfg.name,
+        "mlflow_run_id": run.parent_id, "tracking_uri": run.tracker.display_uri, "experiment": cfg.name,
         "objective": OBJECTIVE, "labeled_train_images": len(run.sets.labeled),
         "teacher": None if teacher is None else {k: teacher[k] for k in ("model", "test_accuracy", "val_accuracy",
                                                                          "mlflow_run_id", "model_dir")},

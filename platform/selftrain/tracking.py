@@ -4,32 +4,70 @@ Runs are addressed by id through `MlflowClient` (no global "active run"), so a r
 re-opens the runs it recorded instead of creating duplicates. The tracking URI is
 `MLFLOW_TRACKING_URI` when set, else MLflow's own default store `sqlite:///mlflow.db` in the
 working directory, made absolute so Ray workers and Tune trials (which change directory) agree.
+
+A store that does not answer at the start stops the run before any compute (TrackingError). One
+that stops answering later does not: training results matter more than their record, so the
+Tracker stops calling it, counts what it could not log and says so at the end (`outage()`).
+Credentials in the URI are masked (`redact`) wherever the URI or an MLflow error is shown or stored.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
+import requests
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from selftrain.errors import TrackingError
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
+# MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) take minutes to give up on
+# a dead server; these give up in seconds. The user's own MLFLOW_HTTP_* settings win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
+_SECRET_QUERY = re.compile(r"(?P<head>[?&](?:[\w.]*-)?(?:password|passwd|pwd|token|access_token|secret|"
+                          r"client_secret|api_key|apikey|sig|signature)=)[^&\s]*", re.I)
+T = TypeVar("T")
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def redact(text: str) -> str:
+    """Mask passwords in URIs (`http://user:pass@host`, `postgresql://user:pass@host/db`) and
+    secret query parameters, anywhere in `text` (MLflow's own errors quote the full URI)."""
+    text = _USERINFO.sub(r"\g<head>:***@", text)
+    return _SECRET_QUERY.sub(r"\g<head>***", text)
+
+
+def check_tracking_store(uri: str | None = None) -> str:
+    """Fail in seconds, naming the store, when it does not answer; returns the masked URI."""
+    uri = uri or tracking_uri()
+    _use_short_http_retries()
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except (MlflowException, requests.RequestException) as exc:
+        raise TrackingError(
+            f"the MLflow tracking store {redact(uri)} (MLFLOW_TRACKING_URI) does not answer: "
+            f"{_shorten(redact(str(exc)))}; start it (`mlflow server ...`) or unset MLFLOW_TRACKING_URI "
+            "to track into sqlite:///mlflow.db in the working directory") from None
+    return redact(uri)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -47,16 +85,24 @@ class Tracker:
 
     def __init__(self, experiment: str, uri: str | None = None):
         self.uri = uri or tracking_uri()
+        self.display_uri = check_tracking_store(self.uri)
+        if self.display_uri != self.uri:  # MLflow prints "View run ... at: <uri>", password included
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.failure: str | None = None  # the first error once the store stopped answering
+        self.not_logged: dict[str, list[str]] = defaultdict(list)  # kind -> names of what was lost
 
-    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    def start_run(self, name: str, parent_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> str | None:
+        """The new run's id, or None when the store stopped answering (later calls count as lost)."""
         tags = {"mlflow.runName": name, **(tags or {})}
         if parent_id:
             tags[PARENT_TAG] = parent_id
-        return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+        return self._attempt("run starts", name, "", lambda: self.client.create_run(
+            self.experiment_id, tags=tags, run_name=name).info.run_id)
 
     def find_or_start_run(self, name: str, parent_id: str, key_tag: str, key: str,
                           tags: dict[str, str] | None = None) -> str:
@@ -76,50 +122,81 @@ class Tracker:
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
-    def reopen(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
+    def reopen(self, run_id: str | None) -> None:
+        self._attempt("run status updates", "RUNNING", run_id,
+                      lambda: self.client.update_run(run_id, status="RUNNING"))
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        existing = self.client.get_run(run_id).data.params  # params are write-once in MLflow
-        fresh = [Param(k, str(v)[:_MAX_PARAM]) for k, v in flatten(params).items() if k not in existing]
-        for start in range(0, len(fresh), 100):
-            self.client.log_batch(run_id, params=fresh[start:start + 100])
+    def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
+        def log() -> None:
+            existing = self.client.get_run(run_id).data.params  # params are write-once in MLflow
+            fresh = [Param(k, str(v)[:_MAX_PARAM]) for k, v in flatten(params).items() if k not in existing]
+            for start in range(0, len(fresh), 100):
+                self.client.log_batch(run_id, params=fresh[start:start + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self._attempt("param batches", "params", run_id, log)
+
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
         """Idempotent per (key, step): a resumed stage that logs again adds no duplicates."""
-        now = mlflow.utils.time.get_current_time_millis()
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if step not in {m.step for m in self.client.get_metric_history(run_id, k)}]
-        for start in range(0, len(batch), 500):
-            self.client.log_batch(run_id, metrics=batch[start:start + 500])
+        def log() -> None:
+            now = mlflow.utils.time.get_current_time_millis()
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                     if step not in {m.step for m in self.client.get_metric_history(run_id, k)}]
+            for start in range(0, len(batch), 500):
+                self.client.log_batch(run_id, metrics=batch[start:start + 500])
 
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self._attempt("metric batches", f"step {step}", run_id, log)
+
+    def log_artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+        log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        self._attempt("artifacts", path.name, run_id, lambda: log(run_id, str(path), artifact_path))
 
-    def log_json(self, run_id: str, data: Any, file_name: str) -> None:
+    def log_json(self, run_id: str | None, data: Any, file_name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / file_name
             target.write_text(json.dumps(data, indent=2, default=str))
-            self.client.log_artifact(run_id, str(target))
+            self._attempt("artifacts", file_name, run_id, lambda: self.client.log_artifact(run_id, str(target)))
 
-    def log_figure(self, run_id: str, figure: Any, file_name: str) -> None:
+    def log_figure(self, run_id: str | None, figure: Any, file_name: str) -> None:
         """Log a matplotlib figure as `plots/<file_name>` and release it."""
         from selftrain.plots import close
 
         try:
-            self.client.log_figure(run_id, figure, f"plots/{file_name}")
+            self._attempt("artifacts", f"plots/{file_name}", run_id,
+                          lambda: self.client.log_figure(run_id, figure, f"plots/{file_name}"))
         finally:
             close(figure)
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
+        self._attempt("run status updates", status, run_id,
+                      lambda: self.client.set_terminated(run_id, status=status))
+
+    def _attempt(self, kind: str, name: str, run_id: str | None, call: Callable[[], T]) -> T | None:
+        """Call the store unless it already stopped answering; a failure that is the store's
+        (connection, timeout, 5xx) is recorded, never raised. run_id "" means none is needed."""
+        if self.failure is None and run_id is not None:
+            try:
+                return call()
+            except (MlflowException, requests.RequestException) as exc:
+                if isinstance(exc, MlflowException) and exc.get_http_status_code() < 500:
+                    raise  # a request the store refused (bad value, unknown run): our bug, not an outage
+                self.failure = _shorten(redact(str(exc)))
+        self.not_logged[kind].append(name)
+        return None
+
+    def outage(self) -> dict[str, Any] | None:
+        """What the store missed, for summary.json and the last line of the run; None if nothing."""
+        if not self.not_logged:
+            return None
+        counts = ", ".join(f"{len(names)} {kind}" + (f" ({', '.join(names)})" if kind == "artifacts" else "")
+                           for kind, names in self.not_logged.items())
+        return {"uri": self.display_uri, "error": self.failure,
+                "not_logged": {kind: len(names) for kind, names in self.not_logged.items()},
+                "artifacts_not_logged": list(self.not_logged.get("artifacts", [])),
+                "message": f"MLflow at {self.display_uri} stopped answering; not logged: {counts}"}
 
     @contextmanager
-    def terminating(self, run_ids: list[str]) -> Iterator[None]:
+    def terminating(self, run_ids: list[str | None]) -> Iterator[None]:
         """Leave no run RUNNING: FAILED on an exception, KILLED on Ctrl-C or SIGTERM
         (`ray job stop` sends SIGTERM; MLflow alone would leave the run RUNNING forever).
         Marks only runs that are still RUNNING, so finished children keep FINISHED."""
@@ -141,9 +218,11 @@ class Tracker:
             if main:
                 signal.signal(signal.SIGTERM, previous)
 
-    def _terminate_running(self, run_ids: list[str], status: str) -> None:
+    def _terminate_running(self, run_ids: list[str | None], status: str) -> None:
         for run_id in run_ids:
-            if self.client.get_run(run_id).info.status == "RUNNING":
+            running = self._attempt("run status updates", status, run_id,
+                                    lambda: self.client.get_run(run_id).info.status == "RUNNING")
+            if running:
                 self.finish(run_id, status)
 
     def runs(self, parent_id: str) -> list[Any]:
@@ -156,13 +235,24 @@ class Tracker:
 def search_runs(experiment: str, filter_string: str = "", uri: str | None = None) -> Any:
     """Runs of an experiment as a pandas DataFrame (`mlflow.search_runs`): columns run_id,
     status, start_time, end_time, `params.*`, `metrics.*` (last values), `tags.*`."""
+    check_tracking_store(uri or tracking_uri())
     client = MlflowClient(uri or tracking_uri())
     if client.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise TrackingError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}; "
+        raise TrackingError(f"no MLflow experiment {experiment!r} in {redact(client.tracking_uri)}; "
                           f"experiments there: {', '.join(names) or 'none'}")
     mlflow.set_tracking_uri(client.tracking_uri)
     return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string)
+
+
+def _shorten(text: str, keep: int = 250) -> str:
+    """MLflow's connection errors run to a kilobyte; the cause is at the end."""
+    return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
+
+
+def _use_short_http_retries() -> None:
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

@@ -110,7 +110,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
                                 weight_decay=config["weight_decay"])
-    steps_per_epoch = max(math.ceil(config["rows"] / (world * config["batch_size"])), 1)
+    # A last batch of a handful of images (70 rows at batch 64 leaves 6) gives BatchNorm
+    # statistics of 6 images a full-size step at peak lr; it made a 70-image teacher diverge.
+    # Drop it whenever a worker has at least one full batch: its rows come back reshuffled.
+    drop_last = config["rows"] // world >= config["batch_size"]
+    per_worker = config["rows"] / (world * config["batch_size"])
+    steps_per_epoch = max(math.floor(per_worker) if drop_last else math.ceil(per_worker), 1)
     total = config["epochs"] * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total, warmup=min(steps_per_epoch, total // 10 + 1))
@@ -135,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
         batches = shard.iter_torch_batches(
-            batch_size=config["batch_size"], device=device, drop_last=False,
+            batch_size=config["batch_size"], device=device, drop_last=drop_last,
             local_shuffle_buffer_size=config["shuffle_buffer"] or None,
             local_shuffle_seed=config["seed"] * 1000 + epoch,
         )

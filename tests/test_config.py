@@ -99,3 +99,17 @@ def test_student_for_each_iteration_repeats_the_last():
 
 def test_diff_configs_names_changed_keys():
     assert diff_configs({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"scoring": {"num_actors": 0}}, "scoring: Value error, num_actors must be 'auto' or at least 1 (got 0)"),
+    ({"scoring": {"num_actors": "many"}}, "scoring.num_actors"),
+    ({"scoring": {"max_rejected_fraction": 1.5}}, "scoring.max_rejected_fraction: Input should be less than or equal to 1"),
+    ({"scoring": {"gpus_per_actor": 0}}, "scoring.gpus_per_actor: Input should be greater than 0"),
+])
+def test_scoring_knobs_are_checked(raw, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    assert message in str(err.value)
+    assert build_config({"scoring": {"num_actors": 4}}).scoring.num_actors == 4
+    assert build_config({}).scoring.num_actors == "auto"

@@ -59,6 +59,7 @@ def test_summary_reports_every_iteration_and_every_unreadable_file(smoke, capsys
     assert 0.0 <= summary["final_test_accuracy"] <= 1.0
     assert sorted(r["path"] for r in summary["rejected"]) == sorted(smoke["bad"])
     assert all(r["reason"] for r in summary["rejected"])
+    assert summary["rejected_count"] == len(smoke["bad"])
     labels = pd.read_parquet(student["pseudo_labels"])
     assert len(labels) == student["train_rows"] - 50 and labels["iteration"].eq(1).all()
 

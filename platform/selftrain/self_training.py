@@ -150,6 +150,7 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
         run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "
                 f"τ={cfg.threshold} ({rows} rows after balancing, {stats.rejected_count} unreadable)")
         return {"dir": directory, "rows": rows, "kept": stats.kept, "rejected": stats.rejected,
+                "rejected_count": stats.rejected_count,
                 "metrics": stats_metrics(stats, rows, run.sets.classes), "stats": stats_record(stats)}
 
     return run.ledger.stage(f"iter{iteration}/pseudo_labels", compute)
@@ -215,8 +216,11 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
 
 def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
     rejected = {r["path"]: r["reason"] for r in run.sets.rejected.to_dict("records")}
+    pool_rejected = 0  # every pass scores the same pool; the lists name the first 1,000 only
     for iteration in range(1, run.cfg.iterations + 1):
-        for r in run.ledger.get(f"iter{iteration}/pseudo_labels")["rejected"]:
+        record = run.ledger.get(f"iter{iteration}/pseudo_labels")
+        pool_rejected = max(pool_rejected, record.get("rejected_count", len(record["rejected"])))
+        for r in record["rejected"]:
             rejected[r["path"]] = r["reason"]
     summary = {
         "mlflow_run_id": run.parent_id,
@@ -229,6 +233,7 @@ def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
         "iterations": results,
         "rejected": [{"path": p, "reason": r} for p, r in sorted(rejected.items())],
         "tracking_errors": [run.tracker.outage()] if run.tracker.outage() else [],
+        "rejected_count": len(run.sets.rejected) + pool_rejected,
     }
     _write_summary(run.out, summary)
     return summary
@@ -244,4 +249,5 @@ def summary_table(summary: dict[str, Any]) -> str:
     gain = summary["final_test_accuracy"] - summary["teacher_test_accuracy"]
     return (f"{table.to_string(index=False, float_format=lambda v: f'{v:.4f}')}\n"
             f"final student vs teacher: {gain * 100:+.1f} points of test accuracy "
-            f"({len(summary['rejected'])} unreadable files skipped; MLflow run {summary['mlflow_run_id']})")
+            f"({summary.get('rejected_count', len(summary['rejected']))} unreadable files skipped; "
+            f"MLflow run {summary['mlflow_run_id']})")

@@ -49,7 +49,7 @@ class BenchSizes:
     cpus_per_actor: float
 
 
-QUICK = BenchSizes("resnet18", 2048, 40, 32, 256, "resnet18", 768, 32, 2, 64, 5_000, 8, 1.0)
+QUICK = BenchSizes("resnet18", 2048, 40, 32, 256, "resnet18", 768, 32, 3, 64, 5_000, 8, 1.0)
 FULL = BenchSizes("resnet50", 32768, 256, 224, 256, "resnet50", 12800, 224, 3, 128, 100_000, 8, 4.0)
 
 

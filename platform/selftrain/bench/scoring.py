@@ -1,11 +1,12 @@
 """Bench part 1: teacher scoring through the Ray Data pipeline vs a bare loop.
 
 Like with like: the same model (weights saved once, loaded by both sides), batch size, device,
-image size, AMP and channels_last settings, and the same decoded uint8 images held in memory
-(the bare loop in this process, the pipeline in Ray's object store, materialised before the
-clock starts). Both clocks start before the model is loaded, so each side pays one model load
-and warm-up; the pipeline's also pays its actor start and every Ray Data hop (object store ->
-actor -> results streamed back to the driver). Ray's own start-up is excluded.
+image size, AMP and channels_last settings, torch threads (an actor's `cpus_per_actor`), and
+the same decoded uint8 images held in memory (the bare loop in this process, the pipeline in
+Ray's object store, materialised before the clock starts). Both rates are steady state: images
+after the first batch over the time after it, so neither side's model load, actor start-up or
+warm-up counts (they are reported as `*_first_batch_seconds`). The pipeline's rate includes
+every Ray Data hop: object store -> actor -> logits streamed back to the driver.
 
 Also measured, not part of the ratio: the whole scoring pipeline from encoded JPEG bytes with
 CPU decoding in Ray tasks (what a pool run gets), and, on a GPU, the same with JPEG decoding
@@ -31,31 +32,32 @@ from selftrain.data.decode import decode_batch
 from selftrain.stages.score import TeacherScorer, infer
 from selftrain.training.loop import load_model
 
-BLOCK_ROWS = 1024  # rows per object-store block of the materialised inputs
+DISTINCT = 256  # distinct synthetic JPEGs, repeated to the bench's image count
 
 
-def synthetic_jpegs(count: int, size: int, seed: int = 0, distinct: int = 64) -> list[bytes]:
-    """`count` JPEGs of `size` px: smooth random images (so JPEG sizes are photo-like), reused
-    cyclically from `distinct` encodings to keep generation fast."""
+def synthetic_jpegs(distinct: int, size: int, seed: int = 0) -> list[bytes]:
+    """`distinct` JPEGs of `size` px: smooth random images, so JPEG sizes are photo-like."""
     rng = np.random.default_rng(seed)
     encoded = []
-    for _ in range(min(distinct, count)):
+    for _ in range(distinct):
         small = rng.integers(0, 256, (size // 8 + 1, size // 8 + 1, 3), dtype=np.uint8)
         image = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         encoded.append(buffer.getvalue())
-    return [encoded[i % len(encoded)] for i in range(count)]
+    return encoded
 
 
-def decode_all(jpegs: list[bytes], size: int) -> tuple[np.ndarray, float]:
-    """The decoded images (uint8 NHWC) and the single-process CPU decode rate, images/s."""
+def decode_all(distinct: list[bytes], count: int, size: int) -> tuple[np.ndarray, float]:
+    """`count` decoded images (uint8 NHWC; the distinct ones repeated cyclically, as in the
+    byte stream the pipelines get) and the single-process CPU decode+resize rate, images/s."""
     start = time.perf_counter()
-    decoded = decode_batch({"bytes": np.array(jpegs, dtype=object)}, size)
-    return decoded["image"], len(jpegs) / (time.perf_counter() - start)
+    decoded = decode_batch({"bytes": np.array(distinct, dtype=object)}, size)["image"]
+    rate = len(distinct) / (time.perf_counter() - start)
+    return decoded[np.arange(count) % len(distinct)], rate
 
 
-def bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool) -> float:
+def bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool) -> dict[str, float]:
     """images/s of the plain PyTorch loop the pipeline is measured against (same settings as
     `TeacherScorer`: eval mode, inference_mode, bf16 autocast and channels_last on GPU)."""
     # A scoring actor gets `cpus_per_actor` CPUs and Ray sets its OMP_NUM_THREADS to match.
@@ -67,7 +69,7 @@ def bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: b
         torch.set_num_threads(threads)
 
 
-def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool) -> float:
+def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool) -> dict[str, float]:
     start = time.perf_counter()
     device = torch.device("cuda" if use_gpu else "cpu")
     model, _ = load_model(model_dir)
@@ -76,46 +78,63 @@ def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
-    with torch.inference_mode():
+
+    @torch.inference_mode()
+    def batches():
         for first in range(0, len(images), cfg.batch_size):
             batch = torch.from_numpy(images[first:first + cfg.batch_size]).to(device, non_blocking=True)
             x = to_model_input(nhwc_to_nchw(batch), channels_last=channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                model(x).float().cpu().numpy()  # the pipeline brings logits back to the CPU too
-    return len(images) / (time.perf_counter() - start)
+                yield len(model(x).float().cpu().numpy())  # the pipeline brings logits back to the CPU too
+
+    return steady_rate(batches(), start)
+
+
+def steady_rate(batch_rows, start: float) -> dict[str, float]:
+    """Throughput after the first batch (the same rule for every side: model load, actor
+    start-up, cuDNN autotuning and warm-up all happen before it), and the time to it."""
+    total, first_rows, first_at = 0, 0, None
+    for rows in batch_rows:
+        total += rows
+        if first_at is None:
+            first_at, first_rows = time.perf_counter(), rows
+    end = time.perf_counter()
+    if first_at is None or end <= first_at:
+        return {"images_per_s": float("nan"), "first_batch_seconds": float("nan"), "images": total}
+    return {"images_per_s": (total - first_rows) / (end - first_at), "first_batch_seconds": first_at - start,
+            "images": total}
 
 
 def _with_error_column(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"image": batch["data"], "error": np.full(len(batch["data"]), "", dtype=object)}
 
 
-def materialised_images(images: np.ndarray) -> ray.data.Dataset:
-    """Decoded images in Ray's object store, in blocks, before any clock starts."""
-    chunks = [images[i:i + BLOCK_ROWS] for i in range(0, len(images), BLOCK_ROWS)]
+def materialised_images(images: np.ndarray, rows_per_block: int) -> ray.data.Dataset:
+    """Decoded images in Ray's object store, one scoring batch per block (the actor's output
+    then streams back batch by batch, as the bare loop's does), before any clock starts."""
+    chunks = [images[i:i + rows_per_block] for i in range(0, len(images), rows_per_block)]
     return ray.data.from_numpy(chunks).map_batches(_with_error_column, batch_size=None).materialize()
 
 
-def materialised_bytes(jpegs: list[bytes]) -> ray.data.Dataset:
-    frames = [pd.DataFrame({"bytes": jpegs[i:i + BLOCK_ROWS]}) for i in range(0, len(jpegs), BLOCK_ROWS)]
+def materialised_bytes(jpegs: list[bytes], rows_per_block: int) -> ray.data.Dataset:
+    frames = [pd.DataFrame({"bytes": jpegs[i:i + rows_per_block]}) for i in range(0, len(jpegs), rows_per_block)]
     return ray.data.from_pandas(frames).materialize()
 
 
-def _drain(dataset: ray.data.Dataset) -> int:
-    return sum(len(batch["prediction"]) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+def _drain(dataset: ray.data.Dataset, start: float) -> dict[str, float]:
+    rows = (len(batch["prediction"]) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    return steady_rate(rows, start)
 
 
-def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig) -> tuple[float, int]:
-    start = time.perf_counter()
-    count = _drain(infer(rows, model_dir, cfg))
-    return count / (time.perf_counter() - start), count
+def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig) -> dict[str, float]:
+    return _drain(infer(rows, model_dir, cfg), time.perf_counter())
 
 
-def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> float:
+def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> dict[str, float]:
     """Bytes -> decode in Ray CPU tasks (as `stages.score.score`) -> the same actor pool."""
     start = time.perf_counter()
     decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64, num_cpus=0.5)
-    count = _drain(infer(decoded, model_dir, cfg))
-    return count / (time.perf_counter() - start)
+    return _drain(infer(decoded, model_dir, cfg), start)
 
 
 class GpuDecodeScorer(TeacherScorer):
@@ -139,10 +158,9 @@ class GpuDecodeScorer(TeacherScorer):
         return {"prediction": logits.argmax(axis=1)}
 
 
-def pipeline_gpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> float:
+def pipeline_gpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> dict[str, float]:
     start = time.perf_counter()
-    count = _drain(infer(encoded, model_dir, cfg, scorer=GpuDecodeScorer, size=size))
-    return count / (time.perf_counter() - start)
+    return _drain(infer(encoded, model_dir, cfg, scorer=GpuDecodeScorer, size=size), start)
 
 
 def gpu_decode_rate(jpegs: list[bytes], size: int, batch_size: int) -> float:
@@ -162,19 +180,26 @@ def gpu_decode_rate(jpegs: list[bytes], size: int, batch_size: int) -> float:
 
 def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: ScoringConfig,
                 use_gpu: bool) -> dict[str, Any]:
-    jpegs = synthetic_jpegs(count, source_size)
-    images, cpu_decode_rate = decode_all(jpegs, size)
-    rows = materialised_images(images)
-    pipeline, scored = pipeline_decoded(model_dir, rows, cfg)
+    distinct = synthetic_jpegs(DISTINCT, source_size)
+    jpegs = [distinct[i % len(distinct)] for i in range(count)]
+    images, cpu_decode_rate = decode_all(distinct, count, size)
+    rows = materialised_images(images, cfg.batch_size)
+    pipeline = pipeline_decoded(model_dir, rows, cfg)
     bare = bare_loop(model_dir, images, cfg, use_gpu)
-    encoded = materialised_bytes(jpegs)
+    del rows
+    encoded = materialised_bytes(jpegs, cfg.batch_size)
+    cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size)
     result = {
-        "images": count, "scored": scored, "pipeline_images_per_s": pipeline, "bare_images_per_s": bare,
-        "scoring_ratio": pipeline / bare,
+        "images": count, "scored": pipeline["images"],
+        "pipeline_images_per_s": pipeline["images_per_s"], "bare_images_per_s": bare["images_per_s"],
+        "scoring_ratio": pipeline["images_per_s"] / bare["images_per_s"],
+        "pipeline_first_batch_seconds": pipeline["first_batch_seconds"],
+        "bare_first_batch_seconds": bare["first_batch_seconds"],
+        "torch_threads": max(int(cfg.cpus_per_actor), 1),
         "cpu_decode_images_per_s_one_process": cpu_decode_rate,
-        "pipeline_cpu_decode_images_per_s": pipeline_cpu_decode(model_dir, encoded, cfg, size),
+        "pipeline_cpu_decode_images_per_s": cpu_decode["images_per_s"],
     }
     if use_gpu:
         result["gpu_decode_images_per_s"] = gpu_decode_rate(jpegs, size, cfg.batch_size)
-        result["pipeline_gpu_decode_images_per_s"] = pipeline_gpu_decode(model_dir, encoded, cfg, size)
+        result["pipeline_gpu_decode_images_per_s"] = pipeline_gpu_decode(model_dir, encoded, cfg, size)["images_per_s"]
     return result

@@ -16,7 +16,6 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -93,14 +92,15 @@ def locate(spec: str) -> PoolLocation:
         if is_uri:
             filesystem, root = pafs.FileSystem.from_uri(fixed)
         else:
-            filesystem, root = pafs.LocalFileSystem(), str(Path(fixed).resolve())
+            # abspath, not resolve: ids keep the user's folder names, symlinks included
+            filesystem, root = pafs.LocalFileSystem(), os.path.abspath(fixed)
         info = filesystem.get_file_info(root)
     except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError, I/O an OSError
         raise DataError(f"data.unlabeled: cannot reach {spec}: {exc}") from None
+    if info.type == pafs.FileType.NotFound and glob:
+        raise DataError(f"data.unlabeled: the glob {spec!r} matches no image files ({fixed} does not exist)")
     if info.type == pafs.FileType.NotFound:
-        what = "the glob's folder" if glob else "path"
-        raise DataError(f"data.unlabeled: {what} does not exist: {fixed} (from {spec})"
-                        if glob else f"data.unlabeled: path does not exist: {spec}")
+        raise DataError(f"data.unlabeled: path does not exist: {spec}")
     local = isinstance(filesystem, pafs.LocalFileSystem)
     prefix = "" if local else spec.split("://", 1)[0] + "://"
     return PoolLocation(spec, filesystem, root.rstrip("/") or "/", info.type == pafs.FileType.File,

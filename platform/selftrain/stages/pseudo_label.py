@@ -138,7 +138,7 @@ def select_pseudo_labels(
     labels = kept.map_batches(_to_pseudo_labels, batch_format="pandas",
                               fn_kwargs={"cfg": cfg, "meta": meta})
     target = out_dir / "pseudo_labels"
-    labels.write_parquet(str(target), min_rows_per_file=ROWS_PER_FILE)
+    labels.write_parquet(str(target), min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.5})
     return str(target), stats, rows
 
 

@@ -109,8 +109,10 @@ def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image
     """Score every pool image and write `{path, label, error, logits, prediction, confidence}`
     as sharded Parquet; then stop with DataError if the pool was empty or mostly unreadable."""
     scores_dir = out_dir / "scores"
+    # Write tasks at half a CPU, as every other pool task: at Ray's default (1 CPU) they wait
+    # behind the scoring actor and the decode tasks on a 2-core machine until decoding ends.
     score(pool, model_dir, cfg, image_size, from_paths=False).write_parquet(
-        str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE)
+        str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
     check_scores(str(scores_dir), cfg.max_rejected_fraction, pool_name)
     return str(scores_dir)
 

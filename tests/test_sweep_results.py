@@ -39,10 +39,12 @@ def _trial(trial_id, objective, status="completed", error=None, threshold=0.5):
             "status": status, "error": error}
 
 
-def test_best_trial_is_the_highest_objective_among_trials_that_did_not_fail():
+def test_best_trial_is_the_highest_objective_among_trials_that_trained_to_the_end():
     trials = [_trial("a", 0.7), _trial("b", 0.9, "stopped_early"), _trial("c", None, "failed", "boom"),
               _trial("d", 0.8)]
-    assert choose_best(trials)["trial_id"] == "b"
+    assert choose_best(trials)["trial_id"] == "d"
+    stopped = [_trial("a", 0.6, "stopped_early"), _trial("b", 0.7, "stopped_early"), _trial("c", None, "failed", "x")]
+    assert choose_best(stopped)["trial_id"] == "b"  # none trained to the end: the best of the rest
 
 
 def test_every_trial_failing_is_one_error_listing_each_trial_and_why():

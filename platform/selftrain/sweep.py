@@ -186,12 +186,15 @@ def _tune(cfg: PipelineConfig, sweep: SweepConfig, shared: Shared, out: Path, re
 
 
 def choose_best(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """The trial with the highest objective (last reported epoch) among those that did not fail."""
+    """The trial with the highest objective at its last epoch, among those that trained to the
+    end (ASHA stopped the others below a rung's cut-off, on fewer epochs); if none did, among
+    those stopped early. Failed trials never count."""
     scored = [t for t in trials if t["status"] != "failed" and t["objective"] is not None]
     if not scored:
         reasons = "\n  ".join(f"trial {t['trial_id']} ({_params_text(t['params'])}): {t['error']}" for t in trials)
         raise SweepError(f"all {len(trials)} trials failed; nothing to choose from:\n  {reasons}")
-    return max(scored, key=lambda t: t["objective"])
+    completed = [t for t in scored if t["status"] == "completed"]
+    return max(completed or scored, key=lambda t: t["objective"])
 
 
 def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[dict[str, Any]],
@@ -199,7 +202,9 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
     best = choose_best(trials)
     best_cfg = with_params(cfg, best["params"], source="best trial")
     best_cfg = best_cfg.model_copy(update={"output_dir": str(run.out / "best")})
-    test = evaluate(run.sets.test, best["model_dir"], cfg.scoring, cfg.data.image_size, len(run.sets.classes))
+    test = None  # a trial stopped early left no final model to test
+    if best["model_dir"]:
+        test = evaluate(run.sets.test, best["model_dir"], cfg.scoring, cfg.data.image_size, len(run.sets.classes))
     config_path = run.out / "best_config.yaml"
     config_path.write_text(f"# selftrain run {config_path}\n# best trial {best['trial_id']} of the sweep in "
                            f"{run.out} ({OBJECTIVE} {best['objective']:.4f})\n"
@@ -211,15 +216,16 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
         "teacher": None if teacher is None else {k: teacher[k] for k in ("model", "test_accuracy", "val_accuracy",
                                                                          "mlflow_run_id", "model_dir")},
         "trials": trials, "best_trial": best["trial_id"], "best_params": best["params"],
-        "best_val_accuracy": best["objective"], "best_test_accuracy": test.accuracy,
+        "best_val_accuracy": best["objective"], "best_test_accuracy": test.accuracy if test else None,
         "best_config": str(config_path), "teacher_scoring_passes": passes,
         "trials_by_status": {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "failed")},
         "wall_seconds": round(seconds, 1),
     }
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     tracker, parent = run.tracker, run.parent_id
-    tracker.log_metrics(parent, {"sweep/best_val_accuracy": best["objective"], "sweep/best_test_accuracy": test.accuracy,
-                                 "sweep/teacher_scoring_passes": passes, "sweep/wall_seconds": seconds,
+    tracker.log_metrics(parent, {"sweep/best_val_accuracy": best["objective"], "sweep/teacher_scoring_passes": passes,
+                                 "sweep/wall_seconds": seconds,
+                                 **({"sweep/best_test_accuracy": test.accuracy} if test else {}),
                                  **{f"sweep/trials_{k}": v for k, v in summary["trials_by_status"].items()}})
     tracker.set_tags(parent, {"selftrain.best_trial": best["trial_id"]})
     tracker.log_artifact(parent, config_path)

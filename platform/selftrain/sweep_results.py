@@ -12,6 +12,7 @@ import pandas as pd
 
 from selftrain.config import PipelineConfig, SweepConfig, with_params
 from selftrain.errors import DataError
+from selftrain.training.loop import MODEL_FILE
 from selftrain.trial import TRIAL_TAG, read_trial_record
 
 OBJECTIVE = "val/accuracy"
@@ -68,9 +69,15 @@ def collect_trials(results: Any, sweep: SweepConfig, cfg: PipelineConfig, out: P
         trials.append({
             "trial_id": trial_id, "params": params, "objective": _objective(metrics), "status": status,
             "epochs": epochs, "error": _first_line(result.error), "mlflow_run_id": run_id,
-            "teacher_scoring_passes": record["teacher_scoring_passes"], "model_dir": record.get("model_dir"),
+            "teacher_scoring_passes": record["teacher_scoring_passes"], "model_dir": _final_model(record),
         })
     return sorted(trials, key=lambda t: t["trial_id"])
+
+
+def _final_model(record: dict[str, Any]) -> str | None:
+    """The trial's last model, if it trained to the end (the loop writes it at the last epoch)."""
+    directory = record.get("model_dir")
+    return directory if directory and (Path(directory) / MODEL_FILE).is_file() else None
 
 
 def _first_line(error: BaseException | None) -> str | None:

@@ -88,10 +88,13 @@ class _Trial:
                 scores = self._score(teacher, iteration)
                 record["teacher_scoring_passes"] += 1
                 self._save(record)
-            arch = cfg.model.student(iteration)
-            teacher = {"model": arch, "model_dir": self._student(iteration, arch, scores, record["epochs"])}
-            record.update(model_dir=teacher["model_dir"], epochs=record["epochs"] + cfg.train.student_epochs)
+            arch, epochs_before = cfg.model.student(iteration), record["epochs"]
+            # Recorded before training: the loop writes the model there before its last report,
+            # and Tune may end this process at that report (ASHA stops a trial at max_t).
+            record.update(model_dir=str(self.out / f"iter{iteration}" / "model"),
+                          epochs=epochs_before + cfg.train.student_epochs)
             self._save(record)
+            teacher = {"model": arch, "model_dir": self._student(iteration, arch, scores, epochs_before)}
 
     def _save(self, record: dict[str, Any]) -> None:
         (self.out / TRIAL_FILE).write_text(json.dumps(record))

@@ -106,6 +106,7 @@ def train_model(
         "shuffle_buffer": cfg.train.shuffle_buffer, "amp": cfg.train.amp,
         "checkpoint_every": cfg.train.checkpoint_every,
         "torch_threads": cfg.train.torch_threads,
+        "final_model_dir": str(out_dir / "model"),
         "validation": None if validation is None else {
             "paths": validation["path"].tolist(), "labels": validation["label"].tolist(),
             "parquet_column": cfg.data.parquet_image_column},

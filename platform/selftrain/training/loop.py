@@ -171,6 +171,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch_metrics["val/accuracy"] = _accuracy(model, *validation, device, channels_last, config["batch_size"])
         history.append(epoch_metrics)
         last = epoch + 1 == config["epochs"]
+        if last and rank == 0 and config.get("final_model_dir"):
+            # Before the last report: a Tune scheduler may stop the trial as soon as it reports.
+            final = Path(config["final_model_dir"])
+            final.mkdir(parents=True, exist_ok=True)
+            save_model(final, model.module if hasattr(model, "module") else model, spec)
+            (final / HISTORY_FILE).write_text(json.dumps(history))
         save = last or (epoch + 1) % config["checkpoint_every"] == 0
         _report(epoch_metrics, rank, model, optimizer, scheduler, epoch, history, spec, save)
 

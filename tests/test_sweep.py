@@ -121,6 +121,6 @@ def test_resume_of_a_finished_sweep_repeats_nothing(swept, capsys):
 def test_rerun_without_resume_and_a_changed_space_are_refused(swept, capsys):
     assert main(["sweep", *swept["args"]]) == 2
     assert "pass --resume" in capsys.readouterr().err
-    assert main(["sweep", *swept["args"], "--resume", "sweep.space={pseudo_label.threshold: {grid: [0.0, 0.7]}}"]) == 2
+    assert main(["sweep", *swept["args"], "sweep.space={pseudo_label.threshold: {grid: [0.0, 0.7]}}", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "different config" in err and "sweep.space.pseudo_label.threshold.grid: [0.0, 0.5] -> [0.0, 0.7]" in err

@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +69,27 @@ def write_corrupt_files(folder: Path) -> dict[str, str]:
 def copy_tree(source: str, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+def run_smoke_subprocess(env: dict[str, str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """`selftrain run pipelines/smoke.yaml` in a fresh process (Ray and MLflow state are per
+    process); returns the finished process and its wall time in seconds."""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "selftrain.cli", "run", str(REPO / "pipelines" / "smoke.yaml"),
+                           f"output_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    return done, time.monotonic() - start
+
+
+@contextmanager
+def tracking_uri_set(uri: str):
+    """MLFLOW_TRACKING_URI for a module-scoped fixture (monkeypatch is function-scoped)."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_smoke_subprocess
 from selftrain.errors import ClusterError
 from selftrain.ray_runtime import REQUIRED_MODULES, check_cluster_dependencies
 
@@ -18,11 +15,7 @@ def test_no_cluster_at_ray_address_fails_in_seconds(tmp_path):
     # A fresh process: ray.init state is per process. Ray 2.60's ray.init alone retries for minutes.
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "PYTHONPATH": str(REPO / "platform"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "selftrain.cli", "run", str(REPO / "pipelines" / "smoke.yaml"),
-                           f"output_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
-    elapsed = time.monotonic() - start
+    done, elapsed = run_smoke_subprocess(env, tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "selftrain: error: no Ray cluster answers at 127.0.0.1:1 (RAY_ADDRESS)" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()

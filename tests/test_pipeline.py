@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pandas as pd
@@ -12,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from selftrain.cli import main
 
-from conftest import REPO, copy_tree, write_corrupt_files
+from conftest import REPO, copy_tree, tracking_uri_set, write_corrupt_files
 
 SMOKE = str(REPO / "pipelines" / "smoke.yaml")
 
@@ -24,17 +23,12 @@ def smoke(ray_session, digits, tmp_path_factory):
     pool = copy_tree(digits.unlabeled, root / "pool")
     bad = write_corrupt_files(pool / "4")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
     args = [SMOKE, f"output_dir={root / 'run'}", f"data.labeled={digits.labeled}", f"data.unlabeled={pool}",
             f"data.test={digits.test}", "data.unlabeled_has_class_folders=true"]
-    code = main(["run", *args])
-    yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
-           "summary_path": root / "run" / "summary.json"}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with tracking_uri_set(uri):
+        code = main(["run", *args])
+        yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
+               "summary_path": root / "run" / "summary.json"}
 
 
 def _summary(smoke):

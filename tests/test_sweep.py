@@ -4,7 +4,6 @@ best config, `selftrain compare`, and a resume that duplicates nothing."""
 from __future__ import annotations
 
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -13,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from selftrain.cli import main
 from selftrain.config import load_config
 
-from conftest import REPO
+from conftest import REPO, tracking_uri_set
 
 SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 
@@ -22,17 +21,12 @@ SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 def swept(ray_session, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
     args = [SWEEP, f"output_dir={root / 'sweep'}", f"data.labeled={digits.labeled}",
             f"data.unlabeled={digits.unlabeled}", f"data.test={digits.test}", "data.unlabeled_has_class_folders=true"]
-    code = main(["sweep", *args])
-    yield {"code": code, "args": args, "root": root, "client": MlflowClient(uri),
-           "summary": root / "sweep" / "summary.json"}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with tracking_uri_set(uri):
+        code = main(["sweep", *args])
+        yield {"code": code, "args": args, "root": root, "client": MlflowClient(uri),
+               "summary": root / "sweep" / "summary.json"}
 
 
 def _summary(swept):

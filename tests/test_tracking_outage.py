@@ -3,14 +3,12 @@ goes on and the Tracker says what it could not log. Against a real `mlflow serve
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, run_smoke_subprocess
 from mlflow_server import mlflow_server, stop
 from selftrain.errors import TrackingError
 from selftrain.plots import accuracy_per_iteration
@@ -37,11 +35,7 @@ def test_a_tracker_on_a_dead_server_is_refused_naming_it():
 def test_a_dead_server_at_the_start_fails_in_seconds_naming_it(tmp_path):
     env = {"MLFLOW_TRACKING_URI": "http://user:hunter2@127.0.0.1:1", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO / "platform"), "HOME": str(tmp_path)}
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "selftrain.cli", "run", str(REPO / "pipelines" / "smoke.yaml"),
-                           f"output_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
-    elapsed = time.monotonic() - start
+    done, elapsed = run_smoke_subprocess(env, tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "MLflow tracking store http://user:***@127.0.0.1:1 (MLFLOW_TRACKING_URI) does not answer" in done.stderr
     assert "hunter2" not in done.stdout + done.stderr

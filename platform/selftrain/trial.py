@@ -143,8 +143,9 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
 
 def _outside_trial_bundle(fn: Callable[..., Any], *args: Any) -> Any:
     """Run `fn` in a task outside the trial's placement group. Tune captures a trial's child tasks
-    in its bundle (which holds no CPU: the trainer reserves its own); Ray Data's map tasks
-    escape it, but its hash-shuffle tasks (the per-class balancing) would wait there forever."""
+    in its bundle, which holds no CPU (the trainer reserves its own): Ray Data's map tasks escape
+    it by their own scheduling strategy, but any task that does not would wait there forever
+    (the groupby shuffle of an earlier balancing did)."""
     return ray.get(_call.options(scheduling_strategy="DEFAULT").remote(fn, *args))
 
 

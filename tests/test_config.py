@@ -106,6 +106,9 @@ def test_diff_configs_names_changed_keys():
     ({"scoring": {"num_actors": "many"}}, "scoring.num_actors"),
     ({"scoring": {"max_rejected_fraction": 1.5}}, "scoring.max_rejected_fraction: Input should be less than or equal to 1"),
     ({"scoring": {"gpus_per_actor": 0}}, "scoring.gpus_per_actor: Input should be greater than 0"),
+    ({"scoring": {"concurrent_batches": 0}},
+     "scoring: Value error, concurrent_batches must be 'auto' or at least 1 (got 0)"),
+    ({"scoring": {"concurrent_batches": "lots"}}, "scoring.concurrent_batches"),
 ])
 def test_scoring_knobs_are_checked(raw, message):
     with pytest.raises(ConfigError) as err:

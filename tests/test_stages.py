@@ -33,10 +33,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scored_pool(ray_session, digits, model_dir, tmp_path_factory):
-    """The digits pool plus three corrupt files, scored once for the tests below."""
+def corrupt_pool(digits, tmp_path_factory):
+    """The digits pool plus three corrupt files."""
     pool = copy_tree(digits.unlabeled, tmp_path_factory.mktemp("pool") / "pool")
-    bad = write_corrupt_files(pool / "7")
+    return pool, write_corrupt_files(pool / "7")
+
+
+@pytest.fixture(scope="module")
+def scored_pool(ray_session, corrupt_pool, model_dir, tmp_path_factory):
+    """`corrupt_pool` scored once for the tests below."""
+    pool, bad = corrupt_pool
     out = tmp_path_factory.mktemp("scores")
     scores = score_pool(read_pool(str(pool), "image", CLASSES), model_dir, SCORING, 16, out)
     return scores, bad, sum(1 for p in pool.rglob("*") if p.is_file())
@@ -52,6 +58,24 @@ def test_scoring_keeps_every_good_image_and_names_every_bad_one(scored_pool):
     assert len(good) == 1297 and (good["prediction"] >= 0).all()
     assert good["confidence"].between(0.1, 1.0).all()  # at least 1/C for 10 classes
     assert (good["label"] == good["path"].map(lambda p: int(p.split("/")[-2]))).all()
+
+
+def test_concurrent_batches_in_one_actor_score_each_row_as_one_at_a_time(scored_pool, corrupt_pool, model_dir,
+                                                                        tmp_path):
+    """Three calls at once in the actor's threads (as on a GPU): every row keeps its own
+    logits, and an unreadable file's row is blanked, not dropped and not another row's."""
+    pool, bad = corrupt_pool
+    cfg = SCORING.model_copy(update={"batch_size": 64, "concurrent_batches": 3})
+    concurrent = pd.read_parquet(score_pool(read_pool(str(pool), "image", CLASSES), model_dir, cfg, 16, tmp_path))
+    serial = pd.read_parquet(scored_pool[0])
+    assert len(concurrent) == len(serial) == 1300
+    both = serial.merge(concurrent, on="path", suffixes=("_serial", "_concurrent"), validate="one_to_one")
+    assert len(both) == 1300
+    assert np.allclose(np.stack(both["logits_serial"]), np.stack(both["logits_concurrent"]), atol=1e-4)
+    assert (both["prediction_serial"] == both["prediction_concurrent"]).all()
+    blanked = concurrent[concurrent["path"].isin(bad)]
+    assert len(blanked) == 3 and (blanked["prediction"] == -1).all() and (blanked["confidence"] == 0).all()
+    assert not np.stack(blanked["logits"]).any()
 
 
 def test_pseudo_labels_balanced_and_written_with_their_provenance(scored_pool, tmp_path):

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small models and pools (CPU laptop)")
     bench.add_argument("--full", dest="quick", action="store_false",
                        help="ResNet-50 at 224 px, pools of 100k and 1M files (the default)")
-    bench.add_argument("--parts", default="", help="comma-separated subset of driver_memory,scoring,training")
+    bench.add_argument("--parts", default="",
+                       help="comma-separated subset of driver_memory,scoring,training,plumbing")
     bench.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-<mode>.json)")
     bench.add_argument("--tmp-dir", default=None, help="where generated pools go (deleted afterwards)")
     bench.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")

@@ -114,6 +114,12 @@ class TrainConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     cpus_per_worker: float = Field(1.0, gt=0.0)
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
+    concurrent_batches: int | Literal["auto"] = Field(
+        "auto", description="batches each actor works on at once, in its own threads: on a GPU each "
+        "has its own CUDA stream, so one batch's host work (Ray's batching, the copy to the device) "
+        "overlaps another's compute; auto: 4 when scoring on GPUs, else 1 (a CPU actor's forward "
+        "pass already uses every core it is given)"
+    )
     amp: bool = Field(True, description="bfloat16 autocast on GPU")
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads per worker; default: Ray's (floor of cpus_per_worker)"
@@ -150,6 +156,12 @@ class ScoringConfig(_Strict):
         1.0, gt=0.0, le=8.0, description="GPUs per actor when scoring on GPUs (fractions share one)"
     )
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
+    concurrent_batches: int | Literal["auto"] = Field(
+        "auto", description="batches each actor works on at once, in its own threads: on a GPU each "
+        "has its own CUDA stream, so one batch's host work (Ray's batching, the copy to the device) "
+        "overlaps another's compute; auto: 4 when scoring on GPUs, else 1 (a CPU actor's forward "
+        "pass already uses every core it is given)"
+    )
     amp: bool = Field(True, description="bfloat16 autocast on GPU")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
     max_rejected_fraction: float = Field(
@@ -158,9 +170,11 @@ class ScoringConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _actors_positive(self) -> ScoringConfig:
+    def _counts_positive(self) -> ScoringConfig:
         if self.num_actors != "auto" and self.num_actors < 1:
             raise ValueError(f"num_actors must be 'auto' or at least 1 (got {self.num_actors})")
+        if self.concurrent_batches != "auto" and self.concurrent_batches < 1:
+            raise ValueError(f"concurrent_batches must be 'auto' or at least 1 (got {self.concurrent_batches})")
         return self
 
 

@@ -9,6 +9,10 @@ module of each part for exactly what each side includes):
    prepared rows (goal >= 0.85);
 3. `driver_rss_ratio`: peak driver RSS scoring a pool of 10 N files / of N files (goal <= 1.2).
 
+And one without a goal, for machines without a GPU: `plumbing_ratio`, the share of a fast
+device's speed (an H100's ResNet-50 rate) that the scoring pipeline keeps when only the device
+is a stand-in (`bench/plumbing.py`).
+
 `--quick` (2-core laptop, CPU, a few minutes) uses small models and pools; the full mode is
 for real hardware: ResNet-50 at 224 px with bf16 AMP and channels_last on a GPU, CPU vs GPU
 JPEG decoding, pools of 100k and 1M files.
@@ -28,7 +32,7 @@ import torch
 
 from selftrain.config import ScoringConfig
 
-PARTS = ("driver_memory", "scoring", "training")
+PARTS = ("driver_memory", "scoring", "training", "plumbing")
 GOALS = {"scoring_ratio": (">=", 0.90), "training_ratio": (">=", 0.85), "driver_rss_ratio": ("<=", 1.2)}
 
 
@@ -47,10 +51,12 @@ class BenchSizes:
     pool_small: int  # files; the large pool is 10x
     pool_image_size: int
     cpus_per_actor: float
+    plumbing_images: int  # decoded 224 px images in the object store (150 KB each)
 
 
-QUICK = BenchSizes("resnet18", 2048, 40, 32, 256, "resnet18", 768, 32, 3, 64, 5_000, 8, 1.0)
-FULL = BenchSizes("resnet50", 32768, 256, 224, 256, "resnet50", 12800, 224, 3, 128, 100_000, 8, 4.0)
+QUICK = BenchSizes("resnet18", 4096, 40, 32, 256, "resnet18", 768, 32, 3, 64, 5_000, 8, 1.0, 8192)
+FULL = BenchSizes("resnet50", 32768, 256, 224, 256, "resnet50", 12800, 224, 3, 128, 100_000, 8, 4.0, 32768)
+PLUMBING_SIZE = 224
 
 
 def _model_dir(root: Path, arch: str, size: int, num_classes: int = 10) -> str:
@@ -102,6 +108,12 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
             results["training"] = run_training(
                 sizes.training_arch, sizes.training_images, sizes.training_size, sizes.training_epochs,
                 sizes.training_batch, sizes.cpus_per_actor, use_gpu)
+        if "plumbing" in parts:
+            from selftrain.bench.plumbing import run_plumbing
+
+            say(f"plumbing: {sizes.plumbing_images:,} images at {PLUMBING_SIZE} px through the scoring pipeline "
+                "to a stand-in device")
+            results["plumbing"] = run_plumbing(sizes.plumbing_images, PLUMBING_SIZE, scoring)
     results["ratios"] = ratios(results)
     return results
 
@@ -127,10 +139,11 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"selftrain bench ({results['mode']}) on {results['device']}",
              f"{'measurement':<44}{'pipeline':>14}{'bare':>14}{'ratio':>9}  goal"]
 
-    def row(name: str, pipeline: float, bare: float | None, key: str | None, unit: str = "img/s") -> None:
-        ratio = results["ratios"].get(key) if key else None
+    def row(name: str, pipeline: float, bare: float | None, key: str | None, unit: str = "img/s",
+            ratio: float | None = None) -> None:
+        ratio = results["ratios"].get(key) if key else ratio
         goal = f"{GOALS[key][0]} {GOALS[key][1]}" if key else ""
-        met = "" if ratio is None else ("  met" if _met(key, ratio) else "  NOT met")
+        met = "" if ratio is None or key is None else ("  met" if _met(key, ratio) else "  NOT met")
         bare_text = f"{bare:>10,.1f} {unit}" if bare is not None else " " * 14
         ratio_text = f"{ratio:>9.3f}" if ratio is not None else " " * 9
         lines.append(f"{name:<44}{pipeline:>10,.1f} {unit}{bare_text}{ratio_text}  {goal}{met}")
@@ -155,6 +168,13 @@ def table(results: dict[str, Any]) -> str:
                          f"{p['rss_before_mb']:,.0f} MB before, peak {p['rss_peak_mb']:,.0f} MB")
         row("3. driver RSS peak, 10x pool / 1x pool", d["large"]["rss_peak_mb"], d["small"]["rss_peak_mb"],
             "driver_rss_ratio", unit="MB   ")
+    if "plumbing" in results:
+        p = results["plumbing"]
+        lines.append(f"4. scoring pipeline vs a stand-in device of {p['device_images_per_s']:,.0f} img/s "
+                     f"({p['image_size']} px, batch {p['batch_size']}; no goal)")
+        for calls, measured in p["by_concurrent_batches"].items():
+            row(f"   scoring.concurrent_batches={calls}", measured["pipeline_images_per_s"],
+                p["device_images_per_s"], None, ratio=measured["plumbing_ratio"])
     return "\n".join(lines)
 
 

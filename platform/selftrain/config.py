@@ -114,12 +114,6 @@ class TrainConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     cpus_per_worker: float = Field(1.0, gt=0.0)
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
-    concurrent_batches: int | Literal["auto"] = Field(
-        "auto", description="batches each actor works on at once, in its own threads: on a GPU each "
-        "has its own CUDA stream, so one batch's host work (Ray's batching, the copy to the device) "
-        "overlaps another's compute; auto: 4 when scoring on GPUs, else 1 (a CPU actor's forward "
-        "pass already uses every core it is given)"
-    )
     amp: bool = Field(True, description="bfloat16 autocast on GPU")
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads per worker; default: Ray's (floor of cpus_per_worker)"

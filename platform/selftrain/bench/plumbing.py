@@ -15,7 +15,11 @@ images in the object store, with only the device replaced by a stand-in:
 batch to the end of its last: the share of the device's speed the pipeline keeps (the device's
 own clock: the bursts in which Ray hands results to the driver do not distort it). Measured for
 `scoring.concurrent_batches` = 1 and for its GPU default. The default device speed is the bare
-ResNet-50 loop measured on an H100 (9,213 images/s at batch 256, bf16, channels_last).
+ResNet-50 loop measured on an H100 (9,213 images/s at batch 256, bf16, channels_last; that loop
+was weaker than today's, so a real H100 may be faster still).
+
+An upper bound for a GPU, not a GPU measurement: a real scoring thread also holds the GIL while
+it launches the model's few hundred kernels per batch, which the stand-in leaves out.
 """
 
 from __future__ import annotations
@@ -72,10 +76,10 @@ class StandInDevice(TeacherScorer):
 
 def device_utilisation(dataset: ray.data.Dataset) -> dict[str, float]:
     """Run the pipeline to the end; the stand-in device's images/s and busy share over its span."""
-    spans, images = [], 0
+    spans, images = set(), 0  # a set: one call's output may span blocks
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         images += len(batch["prediction"])
-        spans.extend(set(zip(batch["device_began"], batch["device_ended"])))
+        spans.update(zip(batch["device_began"].tolist(), batch["device_ended"].tolist()))
     span = max(end for _, end in spans) - min(began for began, _ in spans)
     busy = sum(end - began for began, end in spans)
     return {"images": images, "pipeline_images_per_s": images / span, "plumbing_ratio": busy / span}

@@ -6,6 +6,8 @@ sees float NCHW normalised on its own device by `to_model_input`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torchvision.transforms import v2
@@ -37,11 +39,21 @@ def augment_images(images: np.ndarray, transform: v2.Transform) -> np.ndarray:
     return torch.stack([transform(image) for image in chw]).numpy()
 
 
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD on `device`, made once: creating them per batch is a blocking copy that
+    would wait for all the GPU work queued before it."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # in place before any stream reads them
+    return mean, std
+
+
 def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW -> normalised float NCHW, on the tensor's own device."""
     x = images.float().div_(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _normalisation(x.device)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

@@ -46,6 +46,18 @@ def digits(tmp_path_factory):
     return materialize_builtin("digits", str(tmp_path_factory.mktemp("cache")), 5, seed=0)
 
 
+def digits_overrides(digits, unlabeled=None) -> list[str]:
+    """`dotted.key=value` overrides that point a pipeline at the `digits` folders."""
+    return [f"data.labeled={digits.labeled}", f"data.unlabeled={unlabeled or digits.unlabeled}",
+            f"data.test={digits.test}", "data.unlabeled_has_class_folders=true"]
+
+
+def experiment_runs(client, experiment: str, filter_string: str = "") -> list:
+    """Every run of `experiment` (matching `filter_string`), oldest first."""
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
+
+
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buffer, format="PNG")

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from selftrain.cli import main
 
-from conftest import REPO, copy_tree, tracking_uri_set, write_corrupt_files
+from conftest import REPO, copy_tree, digits_overrides, experiment_runs, tracking_uri_set, write_corrupt_files
 
 SMOKE = str(REPO / "pipelines" / "smoke.yaml")
 
@@ -23,8 +23,7 @@ def smoke(ray_session, digits, tmp_path_factory):
     pool = copy_tree(digits.unlabeled, root / "pool")
     bad = write_corrupt_files(pool / "4")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = [SMOKE, f"output_dir={root / 'run'}", f"data.labeled={digits.labeled}", f"data.unlabeled={pool}",
-            f"data.test={digits.test}", "data.unlabeled_has_class_folders=true"]
+    args = [SMOKE, f"output_dir={root / 'run'}", *digits_overrides(digits, pool)]
     with tracking_uri_set(uri):
         code = main(["run", *args])
         yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
@@ -36,9 +35,7 @@ def _summary(smoke):
 
 
 def _runs(smoke):
-    client = smoke["client"]
-    experiment = client.get_experiment_by_name("smoke")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return experiment_runs(smoke["client"], "smoke")
 
 
 def test_summary_reports_every_iteration_and_every_unreadable_file(smoke, capsys):

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from selftrain.cli import main
 from selftrain.config import load_config
 
-from conftest import REPO, tracking_uri_set
+from conftest import REPO, digits_overrides, experiment_runs, tracking_uri_set
 
 SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 
@@ -21,8 +21,7 @@ SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 def swept(ray_session, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = [SWEEP, f"output_dir={root / 'sweep'}", f"data.labeled={digits.labeled}",
-            f"data.unlabeled={digits.unlabeled}", f"data.test={digits.test}", "data.unlabeled_has_class_folders=true"]
+    args = [SWEEP, f"output_dir={root / 'sweep'}", *digits_overrides(digits)]
     with tracking_uri_set(uri):
         code = main(["sweep", *args])
         yield {"code": code, "args": args, "root": root, "client": MlflowClient(uri),
@@ -34,9 +33,7 @@ def _summary(swept):
 
 
 def _runs(swept):
-    client = swept["client"]
-    experiment = client.get_experiment_by_name("sweep_smoke")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return experiment_runs(swept["client"], "sweep_smoke")
 
 
 def test_every_trial_reuses_the_one_teacher_pass_and_reports_validation_accuracy(swept):

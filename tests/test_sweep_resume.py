@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from selftrain.cli import main
 
-from conftest import REPO, tracking_uri_set
+from conftest import REPO, digits_overrides, experiment_runs, tracking_uri_set
 
 SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 STARTED_WITHIN_S = 420  # teacher, its scoring pass and a trial's start on 2 busy cores
@@ -27,9 +27,8 @@ def _wait_for_a_training_trial(process: subprocess.Popen, out, client: MlflowCli
     deadline = time.monotonic() + STARTED_WITHIN_S
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the sweep ended before it could be killed:\n{process.stdout.read()}"
-        experiment = client.get_experiment_by_name("sweep_smoke")
-        if experiment and (out / "trials").is_dir():
-            trials = client.search_runs([experiment.experiment_id], "tags.`selftrain.role` = 'trial'")
+        if client.get_experiment_by_name("sweep_smoke") and (out / "trials").is_dir():
+            trials = experiment_runs(client, "sweep_smoke", "tags.`selftrain.role` = 'trial'")
             if any("val/accuracy" in run.data.metrics for run in trials):
                 return
         time.sleep(1)
@@ -39,8 +38,7 @@ def _wait_for_a_training_trial(process: subprocess.Popen, out, client: MlflowCli
 def test_a_killed_sweep_resumes_without_a_second_teacher_or_duplicate_runs(ray_session, digits, tmp_path):
     out = tmp_path / "sweep"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [SWEEP, f"output_dir={out}", f"data.labeled={digits.labeled}", f"data.unlabeled={digits.unlabeled}",
-            f"data.test={digits.test}", "data.unlabeled_has_class_folders=true"]
+    args = [SWEEP, f"output_dir={out}", *digits_overrides(digits)]
     client = MlflowClient(uri)
     # The first driver joins this session's Ray, so killing it leaves the cluster running, as a
     # crashed `ray job` driver would.
@@ -62,8 +60,7 @@ def test_a_killed_sweep_resumes_without_a_second_teacher_or_duplicate_runs(ray_s
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_scoring_passes"] == 1
     assert summary["trials_by_status"] == {"completed": 2, "stopped_early": 0, "failed": 0}
-    experiment = client.get_experiment_by_name("sweep_smoke")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = experiment_runs(client, "sweep_smoke")
     roles = sorted(run.data.tags.get("selftrain.role", "") for run in runs)
     assert roles == ["sweep", "teacher", "trial", "trial"], roles
     trial_ids = [run.data.tags["selftrain.trial_id"] for run in runs if run.data.tags.get("selftrain.role") == "trial"]

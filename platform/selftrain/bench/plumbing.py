@@ -86,13 +86,15 @@ def device_utilisation(dataset: ray.data.Dataset) -> dict[str, float]:
 
 
 def run_plumbing(count: int, size: int, cfg: ScoringConfig,
-                 device_images_per_s: float = H100_RESNET50_IMAGES_PER_S) -> dict[str, Any]:
+                 device_images_per_s: float = H100_RESNET50_IMAGES_PER_S,
+                 settings: tuple[int, ...] = (1, GPU_CONCURRENT_BATCHES)) -> dict[str, Any]:
+    """The pipeline into the stand-in device once per `scoring.concurrent_batches` in `settings`."""
     rng = np.random.default_rng(0)
     distinct = rng.integers(0, 256, (DISTINCT, size, size, 3), dtype=np.uint8)
     rows = materialised_images(distinct[np.arange(count) % DISTINCT], cfg.batch_size)
     result: dict[str, Any] = {"images": count, "image_size": size, "batch_size": cfg.batch_size,
                               "device_images_per_s": device_images_per_s, "by_concurrent_batches": {}}
-    for calls in sorted({1, GPU_CONCURRENT_BATCHES}):
+    for calls in sorted(set(settings)):
         settings = cfg.model_copy(update={"use_gpu": False, "num_actors": 1, "concurrent_batches": calls})
         result["by_concurrent_batches"][str(calls)] = device_utilisation(
             infer(rows, "", settings, scorer=StandInDevice, device_images_per_s=device_images_per_s))

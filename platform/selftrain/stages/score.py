@@ -29,8 +29,8 @@ from selftrain.training.loop import load_model
 
 ROWS_PER_SCORES_FILE = 50_000  # Parquet shards of the scores: a 1M-image pool -> ~20 files
 EXAMPLES = 5  # unreadable files named in the error message
-# `scoring.concurrent_batches: auto` on a GPU: with four calls in flight the pipeline kept 0.89 of
-# a stand-in H100's ResNet-50 speed on 2 CPU cores, against 0.62 with one (`selftrain bench
+# `scoring.concurrent_batches: auto` on a GPU: with four calls in flight the pipeline kept 0.85-0.89
+# of a stand-in H100's ResNet-50 speed on 2 CPU cores, against 0.59-0.62 with one (`selftrain bench
 # --parts plumbing`); more calls gained little there and hold more batches in GPU memory.
 GPU_CONCURRENT_BATCHES = 4
 

@@ -40,3 +40,78 @@ def test_student_smaller_than_teacher_is_refused():
     check_student_sizes("resnet18", ["resnet18", "resnet34"], 10)
     with pytest.raises(ConfigError, match=r"model.students\[1\]=resnet18 .* is smaller than model.students\[0\]=resnet34"):
         check_student_sizes("resnet18", ["resnet34", "resnet18"], 10)
+
+
+# --- small-image backbones (selftrain.models.small) ---
+
+SMALL = ["wrn_28_2", "wrn_28_8", "resnet18_cifar", "cnn_small"]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_small_models_classify_24_and_32_px_with_noise_off_in_eval(name):
+    # One build per model keeps this fast on a 2-core laptop (wrn_28_8 has 23M parameters).
+    model = build_model(name, num_classes=5, dropout=0.3, stochastic_depth=0.2).eval()
+    with torch.no_grad():
+        for size in (24, 32):
+            assert model(torch.randn(2, 3, size, size)).shape == (2, 5)
+        x = torch.randn(2, 3, 24, 24)
+        assert torch.equal(model(x), model(x))  # eval mode: dropout and stochastic depth are off
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.modules())
+    assert set(SMALL) <= set(available_models())
+
+
+def test_wrn_28_2_parameter_count_matches_the_architecture():
+    def conv(cin, cout, k):  # no bias
+        return cin * cout * k * k
+
+    def bn(c):  # weight + bias
+        return 2 * c
+
+    def block(cin, cout):  # pre-activation basic block, 1x1 shortcut when the width changes
+        shortcut = conv(cin, cout, 1) if cin != cout else 0
+        return bn(cin) + conv(cin, cout, 3) + bn(cout) + conv(cout, cout, 3) + shortcut
+
+    widths = [16, 32, 64, 128]  # stem, then 16k, 32k, 64k with k = 2
+    expected = conv(3, 16, 3)
+    for g in range(3):
+        expected += block(widths[g], widths[g + 1]) + 3 * block(widths[g + 1], widths[g + 1])
+    expected += bn(128) + 128 * 10 + 10
+    assert parameter_count("wrn_28_2", 10) == expected == 1_467_610
+    assert 1_400_000 <= expected <= 1_550_000
+
+
+def test_wrn_stochastic_depth_decays_linearly_over_its_12_blocks():
+    model = build_model("wrn_28_2", 10, stochastic_depth=0.2)
+    probs = [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+    assert len(probs) == 12
+    assert probs == pytest.approx([0.2 * i / 11 for i in range(12)])
+    assert probs[0] == 0.0 and probs[-1] == pytest.approx(0.2)
+    # cnn_small has no residual blocks: it accepts and ignores stochastic depth.
+    assert not any(isinstance(m, StochasticDepth) for m in build_model("cnn_small", 10, 0.1, 0.5).modules())
+
+
+def test_resnet18_cifar_keeps_32_px_into_layer1_unlike_torchvision():
+    def layer1_input_size(model):
+        seen = []
+        handle = model.layer1.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[-2:]))
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, 32, 32))
+        handle.remove()
+        return tuple(seen[0])
+
+    model = build_model("resnet18_cifar", 10, dropout=0.1, stochastic_depth=0.2)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert layer1_input_size(model) == (32, 32)
+    assert layer1_input_size(build_model("resnet18", 10)) == (8, 8)  # 7x7/2 conv + max pool
+    # The registry's torchvision-ResNet noise applies: 8 blocks, linear decay to 0.2.
+    probs = [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+    assert len(probs) == 8 and probs[0] == 0.0 and probs[-1] == pytest.approx(0.2)
+
+
+def test_wrn_student_size_check():
+    check_student_sizes("wrn_28_2", ["wrn_28_8"], 10)
+    message = (r"model.students\[0\]=wrn_28_2 \(1,467,610 parameters\) is smaller than "
+               r"model.teacher=wrn_28_8 \(23,354,842\); a student must be equal or larger")
+    with pytest.raises(ConfigError, match=message):
+        check_student_sizes("wrn_28_8", ["wrn_28_2"], 10)

@@ -124,6 +124,9 @@ class TrainConfig(_Strict):
     )
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's shuffle buffer")
     checkpoint_every: int = Field(5, ge=1, description="epochs between checkpoints (and the last)")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="optimizer steps per epoch; default: one pass over the labeled (+ "
+        "pseudo-labeled) rows, or for an online method one pass over the unlabeled pool")
 
 
 class PseudoLabelConfig(_Strict):
@@ -172,6 +175,78 @@ class ScoringConfig(_Strict):
         return self
 
 
+METHOD_NAMES = ("supervised", "noisy_student", "pseudo_label", "fixmatch", "flexmatch", "freematch",
+                "softmatch", "dash", "mean_teacher", "uda", "entropy_min", "kd", "tf_kd")
+ONLINE_METHODS = ("pseudo_label", "fixmatch", "flexmatch", "freematch", "softmatch", "dash",
+                  "mean_teacher", "uda", "entropy_min")  # these read the unlabeled pool every step
+
+
+class MethodConfig(_Strict):
+    """The objective a model trains with, and its knobs. A knob left unset (null) takes the
+    method's paper default (`methods/<method>.py`, `defaults`); the resolved values are logged.
+
+    Online methods (ONLINE_METHODS) read a second stream every step: μ·batch_size unlabeled pool
+    images, each as a weak and a strong view. On a student, the first stream is labeled +
+    pseudo-labeled rows, so `students.method: fixmatch` adds FixMatch's consistency term on the
+    pool to Noisy Student's pseudo-labels.
+    """
+
+    method: Literal[METHOD_NAMES] = Field("supervised", description=", ".join(METHOD_NAMES))
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="confidence threshold τ "
+                                    "(pseudo_label, fixmatch, flexmatch: 0.95; uda: 0.8)")
+    lambda_u: float | None = Field(None, ge=0.0, description="weight of the unlabeled loss "
+                                   "(1.0; mean_teacher 50; entropy_min 0.1)")
+    mu: int = Field(7, ge=1, le=64, description="unlabeled images per labeled image in a step")
+    temperature: float | None = Field(None, gt=0.0, le=100.0, description="uda: sharpening T of the "
+                                      "weak view's targets (0.4); kd, tf_kd: distillation T (4.0)")
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="EMA of the weights, used for "
+                                    "evaluation and saved as the model (online methods: 0.999); 0 = off")
+    unsup_warmup: float | None = Field(None, ge=0.0, le=1.0, description="fraction of the steps over "
+                                       "which the unlabeled weight ramps up from 0 (pseudo_label, "
+                                       "mean_teacher: 0.4); dash: supervised-only warm-up fraction")
+    threshold_warmup: bool | None = Field(None, description="flexmatch: count not-yet-confident images "
+                                          "in the normaliser (the paper's warm-up; true)")
+    stats_momentum: float | None = Field(None, ge=0.0, lt=1.0, description="freematch, softmatch, "
+                                         "distribution alignment: EMA momentum of running statistics (0.999)")
+    n_sigma: float | None = Field(None, gt=0.0, description="softmatch: width of the Gaussian weight (2.0)")
+    fairness_weight: float | None = Field(None, ge=0.0, description="freematch: weight of the "
+                                          "self-adaptive fairness term (0.01)")
+    distribution_alignment: bool | None = Field(None, description="softmatch (true), others (false): "
+                                                "ReMixMatch's p <- normalise(p * p_target / p_model)")
+    dash_gamma: float | None = Field(None, gt=1.0, description="dash: ρ_t = max(C·γ^(-t)·ρ_0, ρ_min) (1.27)")
+    dash_c: float | None = Field(None, gt=0.0, description="dash: C (1.0001)")
+    dash_rho_min: float | None = Field(None, ge=0.0, description="dash: ρ_min (0.05)")
+    dash_update_every: int | None = Field(None, ge=1, description="dash: steps between ρ_t updates (t += 1)")
+    tsa: Literal["none", "linear", "log", "exp"] | None = Field(
+        None, description="uda: training-signal annealing of the labeled loss (none)")
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="kd, tf_kd: weight of the "
+                                "distillation term against cross-entropy (kd 0.9, tf_kd 0.5)")
+    virtual_correct: float | None = Field(None, gt=0.0, lt=1.0, description="tf_kd: probability the "
+                                          "virtual teacher puts on the correct class (0.9)")
+    max_empty_epochs: int = Field(3, ge=1, description="stop when no unlabeled image passes the mask "
+                                  "for this many epochs in a row (a warning each epoch before)")
+    collapse_fraction: float = Field(0.9, gt=0.0, le=1.0, description="warn when one class holds more "
+                                     "than this share of an epoch's pseudo-labels; stop after "
+                                     "max_empty_epochs such epochs in a row")
+
+    def knobs(self) -> dict:
+        """The knobs a method reads (unset ones omitted: the method's default applies)."""
+        skip = {"method", "max_empty_epochs", "collapse_fraction"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+    @property
+    def online(self) -> bool:
+        return self.method in ONLINE_METHODS
+
+
+def _teacher_method() -> MethodConfig:
+    return MethodConfig(method="supervised")
+
+
+def _student_method() -> MethodConfig:
+    return MethodConfig(method="noisy_student")
+
+
 class PipelineConfig(_Strict):
     name: str = Field("selftrain", min_length=1, description="MLflow experiment name")
     iterations: int = Field(2, ge=1, description="number of students, each the next teacher")
@@ -179,6 +254,8 @@ class PipelineConfig(_Strict):
     output_dir: str = "runs/selftrain"
     data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))
     model: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: MethodConfig = Field(default_factory=_teacher_method, description="how the first teacher trains")
+    students: MethodConfig = Field(default_factory=_student_method, description="how every student trains")
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)

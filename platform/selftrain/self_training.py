@@ -29,11 +29,13 @@ from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError
 from selftrain.ledger import Ledger
+from selftrain.methods import METHODS
 from selftrain.models.registry import check_student_sizes
 from selftrain.stages.evaluate import evaluate
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, stats_record
 from selftrain.stages.score import score_pool
-from selftrain.stages.train import train_model, training_dataset
+from selftrain.stages.pool_index import index_pool
+from selftrain.stages.train import train_model, training_streams
 from selftrain.tracking import Tracker, redact
 
 
@@ -156,6 +158,23 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
     return run.ledger.stage(f"iter{iteration}/pseudo_labels", compute)
 
 
+def pool_index_stage(run: Run) -> dict[str, Any]:
+    """The pool numbered once, for the online methods that read it every step."""
+    def compute() -> dict[str, Any]:
+        run.say(f"indexing the unlabeled pool {run.paths.unlabeled} for online training")
+        classes = run.sets.classes if run.paths.pool_has_class_folders else None
+        return index_pool(run.paths.unlabeled, run.cfg.data.parquet_image_column, classes,
+                          fresh_dir(run.out / "pool_index"))
+
+    return run.ledger.stage("pool_index", compute)
+
+
+def method_params(method: Any) -> dict[str, Any]:
+    """The method's name and every knob as it will run: the config's, else the paper default."""
+    return {"method": method.method, "mu": method.mu,
+            **{f"method.{k}": v for k, v in {**METHODS[method.method].defaults, **method.knobs()}.items()}}
+
+
 def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) -> dict[str, Any]:
     """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only."""
     key = f"iter{iteration}"
@@ -172,9 +191,12 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
         run.open_runs.append(child)
         run.ledger.put(f"{key}/mlflow_run_id", child)
     cfg, classes = run.cfg, run.sets.classes
+    method = run.cfg.students if pseudo else run.cfg.teacher
+    pool = pool_index_stage(run) if method.online else None
     run.tracker.log_params(child, {"role": role, "arch": arch, "iteration": iteration,
                                    "labeled_rows": len(run.sets.labeled),
-                                   "pseudo_rows": pseudo["rows"] if pseudo else 0})
+                                   "pseudo_rows": pseudo["rows"] if pseudo else 0,
+                                   "pool_rows": pool["rows"] if pool else 0, **method_params(method)})
     if pseudo:
         run.tracker.log_metrics(child, pseudo["metrics"])
         stats, threshold = pseudo["stats"], cfg.pseudo_label.threshold
@@ -186,12 +208,12 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
             "pseudo_label_counts.png")
 
     rows = len(run.sets.labeled) + (pseudo["rows"] if pseudo else 0)
-    run.say(f"[iteration {iteration}] training {role} {arch} on {rows} images "
-            f"({len(run.sets.labeled)} labeled + {rows - len(run.sets.labeled)} pseudo-labeled)")
-    dataset = training_dataset(cfg, run.sets.labeled, len(classes), pseudo["dir"] if pseudo else None,
-                               randaugment=pseudo is not None)
+    run.say(f"[iteration {iteration}] training {role} {arch} by {method.method} on {rows} images "
+            f"({len(run.sets.labeled)} labeled + {rows - len(run.sets.labeled)} pseudo-labeled"
+            + (f"; {pool['rows']} unlabeled pool images every pass)" if pool else ")"))
+    streams = training_streams(cfg, method, run.sets.labeled, len(classes), pseudo, pool)
     spec = {"num_classes": len(classes), "classes": classes, "image_size": cfg.data.image_size}
-    trained = train_model(cfg, f"{key}-{role}", arch, dataset, rows, spec, student=pseudo is not None,
+    trained = train_model(cfg, f"{key}-{role}", arch, streams, spec, student=pseudo is not None,
                           out_dir=run.out / key, seed=run.seed(iteration))
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
@@ -205,7 +227,8 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     run.tracker.log_json(child, cfg.model_dump(), "config.json")
     run.tracker.log_artifact(child, trained.model_dir, "model")
     run.tracker.finish(child)
-    record = {"iteration": iteration, "role": role, "model": arch, "test_accuracy": result.accuracy,
+    record = {"iteration": iteration, "role": role, "model": arch, "method": method.method,
+              "test_accuracy": result.accuracy,
               "pseudo_labels_kept": pseudo["kept"] if pseudo else 0,
               "pseudo_label_accuracy": pseudo["metrics"].get("pseudo/accuracy") if pseudo else None,
               "train_rows": rows, "mlflow_run_id": child, "model_dir": trained.model_dir,
@@ -245,7 +268,7 @@ def _write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 def summary_table(summary: dict[str, Any]) -> str:
     table = pd.DataFrame(summary["iterations"])[
-        ["iteration", "role", "model", "train_rows", "pseudo_labels_kept", "pseudo_label_accuracy", "test_accuracy"]]
+        ["iteration", "role", "model", "method", "train_rows", "pseudo_labels_kept", "pseudo_label_accuracy", "test_accuracy"]]
     gain = summary["final_test_accuracy"] - summary["teacher_test_accuracy"]
     return (f"{table.to_string(index=False, float_format=lambda v: f'{v:.4f}')}\n"
             f"final student vs teacher: {gain * 100:+.1f} points of test accuracy "

@@ -34,14 +34,14 @@ from selftrain.config import PipelineConfig, SweepConfig, with_params
 from selftrain.data.folders import load_labeled_sets
 from selftrain.errors import ConfigError, SweepError
 from selftrain.ledger import Ledger
-from selftrain.self_training import Run, data_paths, open_tracking, score_stage, train_stage
+from selftrain.self_training import Run, data_paths, open_tracking, pool_index_stage, score_stage, train_stage
 from selftrain.stages.evaluate import evaluate
 from selftrain.sweep_results import OBJECTIVE, collect_trials, split_validation
 from selftrain.trial import Shared, run_trial
 
 # Keys whose value shapes the shared teacher or the pool it scores: sweeping one of them gives
 # every trial its own teacher (and teacher pass). Everything else varies only the student side.
-TEACHER_KEYS = ("data.", "seed", "model.teacher", "train.teacher_epochs", "train.teacher_dropout",
+TEACHER_KEYS = ("data.", "seed", "model.teacher", "teacher.", "train.teacher_epochs", "train.teacher_dropout",
                 "train.lr", "train.batch_size", "train.weight_decay", "noise.horizontal_flip", "scoring.")
 
 
@@ -83,8 +83,9 @@ def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False,
                 scores = score_stage(run, 1, teacher)
         else:
             say("the search space changes the teacher: every trial trains and scores with its own")
+        reads_pool = cfg.teacher.online or cfg.students.online or any(k.endswith(".method") for k in sweep.space)
         shared = Shared(cfg.model_dump(), str(out), tracker.uri, parent_id, paths, sets.classes, train,
-                        validation, teacher, scores)
+                        validation, teacher, scores, pool_index_stage(run) if reads_pool else None)
         results = _tune(cfg, sweep, shared, out, resume, say)
         trials = collect_trials(results, sweep, cfg, out, tracker, parent_id)
         summary = _summarize(cfg, sweep, run, trials, teacher, time.monotonic() - started)

@@ -31,7 +31,7 @@ from selftrain.models.registry import check_student_sizes
 from selftrain.self_training import fresh_dir
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics
 from selftrain.stages.score import score_pool
-from selftrain.stages.train import MlflowEpochs, train_model, training_dataset
+from selftrain.stages.train import MlflowEpochs, train_model, training_streams
 from selftrain.tracking import Tracker
 
 TRIAL_TAG = "selftrain.trial_id"
@@ -52,6 +52,7 @@ class Shared:
     validation: pd.DataFrame  # labeled images held out for the objective
     teacher: dict[str, Any] | None  # `model`, `model_dir`: None when each trial needs its own
     scores: str | None  # the shared teacher's scores of the pool: None when not shared
+    pool_index: dict[str, Any] | None = None  # the numbered pool, when an online method may read it
 
 
 def run_trial(params: dict[str, Any], shared: Shared) -> None:
@@ -102,8 +103,8 @@ class _Trial:
     def _own_teacher(self, record: dict[str, Any]) -> dict[str, Any]:
         """This trial's knobs change the teacher: train one on the same labeled split."""
         cfg, shared = self.cfg, self.shared
-        dataset = training_dataset(cfg, shared.train, len(shared.classes), None, randaugment=False)
-        trained = train_model(cfg, "teacher", cfg.model.teacher, dataset, len(shared.train), self._spec(),
+        streams = training_streams(cfg, cfg.teacher, shared.train, len(shared.classes), None, shared.pool_index)
+        trained = train_model(cfg, "teacher", cfg.model.teacher, streams, self._spec(),
                               student=False, out_dir=self.out / "iter0", seed=cfg.seed * 1000)
         return {"model": cfg.model.teacher, "model_dir": trained.model_dir}
 
@@ -124,10 +125,10 @@ class _Trial:
             select_pseudo_labels, scores, cfg.pseudo_label, shared.classes,
             fresh_dir(self.out / f"iter{iteration}" / "labels"), seed, meta)
         self.tracker.log_metrics(self.run_id, stats_metrics(stats, rows, shared.classes), step=iteration)
-        dataset = training_dataset(cfg, shared.train, len(shared.classes), labels, randaugment=True)
+        streams = training_streams(cfg, cfg.students, shared.train, len(shared.classes),
+                                   {"dir": labels, "rows": rows}, shared.pool_index)
         logger = MlflowEpochs(shared.tracking_uri, cfg.name, self.run_id, step_offset=epochs_before)
-        trained = train_model(cfg, f"iter{iteration}-student", arch, dataset, len(shared.train) + rows,
-                              self._spec(), student=True, out_dir=self.out / f"iter{iteration}", seed=seed,
+        trained = train_model(cfg, f"iter{iteration}-student", arch, streams, self._spec(), student=True, out_dir=self.out / f"iter{iteration}", seed=seed,
                               validation=shared.validation, callbacks=[TuneReportCallback(), logger])
         return trained.model_dir
 

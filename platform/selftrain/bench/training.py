@@ -33,7 +33,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from selftrain.data.augment import to_model_input
-from selftrain.methods import METHODS
+from selftrain.methods import METHODS, Batch
 from selftrain.models.registry import build_model
 from selftrain.training.loop import HISTORY_FILE, cosine_with_warmup, train_loop_per_worker
 
@@ -86,7 +86,7 @@ def bare_loop(config: dict[str, Any], images: np.ndarray, targets: np.ndarray, u
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total, warmup=min(steps, total // 10 + 1)))
     channels_last, amp = device.type == "cuda", device.type == "cuda" and config["amp"]
-    objective = METHODS[config["method"]]
+    method = METHODS[config["method"]](config["num_classes"])
     all_images, all_targets = torch.from_numpy(images), torch.from_numpy(targets)
     rates = []
     for epoch in range(config["epochs"]):
@@ -97,7 +97,7 @@ def bare_loop(config: dict[str, Any], images: np.ndarray, targets: np.ndarray, u
             index = order[first:first + config["batch_size"]]
             batch = to_model_input(all_images[index].to(device, non_blocking=True), channels_last=channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, _ = objective(model, batch, all_targets[index].to(device, non_blocking=True))
+                loss, _ = method.loss(model, Batch(batch, all_targets[index].to(device, non_blocking=True)), 0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

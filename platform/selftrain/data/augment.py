@@ -33,6 +33,15 @@ def train_transform(image_size: int, noise: NoiseConfig, randaugment: bool) -> v
     return v2.Compose(ops)
 
 
+def strong_transform(image_size: int, noise: NoiseConfig) -> v2.Compose:
+    """FixMatch's strong view (Sohn et al. 2020, Sec. 2.3): the weak view's flip-and-shift, then
+    RandAugment and Cutout, a gray square of up to half the image side (RandomErasing with a
+    square aspect: area 1/64 to 1/4 of the image)."""
+    ops = list(train_transform(image_size, noise, randaugment=True).transforms)
+    ops.append(v2.RandomErasing(p=1.0, scale=(1 / 64, 1 / 4), ratio=(1.0, 1.0), value=127))
+    return v2.Compose(ops)
+
+
 def augment_images(images: np.ndarray, transform: v2.Transform) -> np.ndarray:
     """uint8 NHWC -> augmented uint8 NCHW; each image gets its own random ops."""
     chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)

@@ -1,5 +1,36 @@
-"""Batch-level objectives: (model, images, targets) -> (loss, metrics). No Ray, no MLflow."""
+"""The training objectives, by the name a pipeline YAML gives them (`teacher.method`,
+`students.method`). Each is one file; none imports Ray or MLflow (see `base.py`)."""
 
-from selftrain.methods.noisy_student import noisy_student_objective
+from selftrain.methods.base import Batch, Comm, Method
+from selftrain.methods.dash import Dash
+from selftrain.methods.entropy_min import EntropyMin
+from selftrain.methods.fixmatch import FixMatch
+from selftrain.methods.flexmatch import FlexMatch
+from selftrain.methods.freematch import FreeMatch
+from selftrain.methods.kd import KnowledgeDistillation
+from selftrain.methods.mean_teacher import MeanTeacher
+from selftrain.methods.online_pseudo_label import PseudoLabel
+from selftrain.methods.softmatch import SoftMatch
+from selftrain.methods.supervised import Supervised
+from selftrain.methods.tf_kd import TeacherFreeKD
+from selftrain.methods.uda import UDA
 
-METHODS = {"noisy_student": noisy_student_objective}
+METHODS: dict[str, type[Method]] = {
+    "supervised": Supervised,
+    # Noisy Student's objective is supervised cross-entropy on labeled + pseudo-labeled rows
+    # (Xie et al. 2020, Eq. 2); the pipeline builds that stream for a student.
+    "noisy_student": Supervised,
+    "kd": KnowledgeDistillation,
+    "tf_kd": TeacherFreeKD,
+    "pseudo_label": PseudoLabel,
+    "fixmatch": FixMatch,
+    "flexmatch": FlexMatch,
+    "freematch": FreeMatch,
+    "softmatch": SoftMatch,
+    "dash": Dash,
+    "mean_teacher": MeanTeacher,
+    "uda": UDA,
+    "entropy_min": EntropyMin,
+}
+
+__all__ = ["METHODS", "Batch", "Comm", "Method"]

@@ -1,14 +1,16 @@
-"""torchvision architectures with the Noisy Student model noise: dropout and stochastic depth.
+"""Model architectures with the Noisy Student model noise: dropout and stochastic depth.
 
-An explicit registry of families: each knows how to build its torchvision model with a dropout
-before the classifier and stochastic depth (Huang et al. 2016) whose drop probability decays
-linearly from 0 at the first block to `stochastic_depth` at the last, as in Noisy Student
-(Xie et al. 2020, Sec. 3.1: "survival probability 0.8 for the final layer").
+An explicit registry of torchvision families (matched by name prefix) and of small-image models
+(`small.py`, matched by exact name): each knows how to build its model with a dropout before
+the classifier and stochastic depth (Huang et al. 2016) whose drop probability decays linearly
+from 0 at the first block to `stochastic_depth` at the last, as in Noisy Student (Xie et al.
+2020, Sec. 3.1: "survival probability 0.8 for the final layer").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,10 +19,15 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
 
 from selftrain.errors import ConfigError
+from selftrain.models import small
 
 
 def _resnet(name: str, num_classes: int, dropout: float, stochastic_depth: float) -> nn.Module:
-    model = models.get_model(name, num_classes=num_classes)
+    return _resnet_noise(models.get_model(name, num_classes=num_classes), dropout, stochastic_depth)
+
+
+def _resnet_noise(model: models.ResNet, dropout: float, stochastic_depth: float) -> nn.Module:
+    """Add dropout before `fc` and stochastic depth on every block of a torchvision ResNet."""
     blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     for i, block in enumerate(blocks):
         # The last BatchNorm of a block ends its residual branch (before `out += identity`), so
@@ -53,16 +60,32 @@ FAMILIES: dict[str, Callable[[str, int, float, float], nn.Module]] = {
 }
 
 
+def _resnet18_cifar(num_classes: int, dropout: float, stochastic_depth: float) -> nn.Module:
+    return _resnet_noise(small.resnet18_cifar(num_classes), dropout, stochastic_depth)
+
+
+# Small-image models by exact name (checked before FAMILIES: "resnet18_cifar" starts "resnet").
+SMALL_MODELS: dict[str, Callable[[int, float, float], nn.Module]] = {
+    "wrn_28_2": partial(small.wide_resnet_28, 2),
+    "wrn_28_8": partial(small.wide_resnet_28, 8),
+    "resnet18_cifar": _resnet18_cifar,
+    "cnn_small": small.cnn_small,  # ignores stochastic_depth: it has no residual blocks
+}
+
+
 def available_models() -> list[str]:
-    return sorted(
-        name for name in models.list_models(module=models)
-        if any(name.startswith(prefix) for prefix in FAMILIES)
-    )
+    return sorted([
+        *SMALL_MODELS,
+        *(name for name in models.list_models(module=models)
+          if any(name.startswith(prefix) for prefix in FAMILIES)),
+    ])
 
 
 def build_model(name: str, num_classes: int, dropout: float = 0.0, stochastic_depth: float = 0.0) -> nn.Module:
     if name not in available_models():
         raise ConfigError(f"model {name!r} is not supported; choose one of: {', '.join(available_models())}")
+    if name in SMALL_MODELS:
+        return SMALL_MODELS[name](num_classes, dropout, stochastic_depth)
     family = next(prefix for prefix in FAMILIES if name.startswith(prefix))
     return FAMILIES[family](name, num_classes, dropout, stochastic_depth)
 

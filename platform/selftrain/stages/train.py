@@ -1,12 +1,15 @@
-"""Train one model (teacher or student) with Ray Train on labeled (+ pseudo-labeled) data.
+"""Train one model (teacher or student) with Ray Train, by the objective its `MethodConfig` names.
 
 Decoding and augmentation run as Ray Data tasks on CPU and stream into the workers' shards
-(`get_dataset_shard`), re-run every epoch so each epoch sees fresh RandAugment noise.
+(`get_dataset_shard`), re-run every pass so each pass sees fresh RandAugment noise. Online
+methods get a second stream: the unlabeled pool (its index, `stages/pool_index.py`) as weak and
+strong views.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
-from selftrain.config import NoiseConfig, PipelineConfig
-from selftrain.data.augment import augment_images, train_transform
+from selftrain.config import MethodConfig, NoiseConfig, PipelineConfig
+from selftrain.data.augment import augment_images, strong_transform, train_transform
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.stages.score import wants_gpu
@@ -32,6 +35,19 @@ class TrainedModel:
     history: list[dict[str, float]]
 
 
+@dataclass(frozen=True)
+class Streams:
+    """What a model trains on: the supervised stream (`rows` rows), and for an online method the
+    unlabeled pool's views (`pool_rows` images). A labeled-only stream is small by premise and
+    every worker reads all of it (`split_train=False`); one with pseudo-labels is split."""
+
+    train: ray.data.Dataset
+    rows: int
+    split_train: bool = True
+    unlabeled: ray.data.Dataset | None = None
+    pool_rows: int = 0
+
+
 def _prepare(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: bool,
              target_column: str, parquet_column: str) -> dict[str, Any]:
     """`{path, <target_column>}` -> `{image: uint8 NCHW augmented, target: float32 N x C}`."""
@@ -40,6 +56,43 @@ def _prepare(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: 
     transform = train_transform(size, noise, randaugment)
     return {"image": augment_images(loaded["image"][ok], transform),
             "target": np.stack(list(batch[target_column]))[ok].astype(np.float32)}
+
+
+def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column: str) -> dict[str, Any]:
+    """`{path, index, label}` of pool images -> a weak and a strong view of each (uint8 NCHW)."""
+    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
+    ok = loaded["error"] == ""  # a file that vanished or fails to decode since indexing is skipped
+    images = loaded["image"][ok]
+    return {"weak": augment_images(images, train_transform(size, noise, randaugment=False)),
+            "strong": augment_images(images, strong_transform(size, noise)),
+            "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
+
+
+def unlabeled_views(cfg: PipelineConfig, pool_index_dir: str) -> ray.data.Dataset:
+    cpus = cfg.train.data_cpus_per_task
+    return ray.data.read_parquet(pool_index_dir, num_cpus=cpus).randomize_block_order(seed=cfg.seed).map_batches(
+        _views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
+                           "parquet_column": cfg.data.parquet_image_column}, batch_size=64, num_cpus=cpus)
+
+
+def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.DataFrame, num_classes: int,
+                     pseudo: dict[str, Any] | None, pool_index: dict[str, Any] | None) -> Streams:
+    """The streams `method` trains on. A student's supervised stream carries RandAugment (Noisy
+    Student's input noise); a teacher's only the weak flip-and-shift."""
+    pseudo_rows = pseudo["rows"] if pseudo else 0
+    if not method.online:
+        dataset = training_dataset(cfg, labeled, num_classes, pseudo["dir"] if pseudo else None, randaugment=bool(pseudo))
+        return Streams(dataset, len(labeled) + pseudo_rows)
+    if not pool_index or not pool_index["rows"]:
+        raise TrainingError(f"method {method.method!r} learns from the unlabeled pool, but the pool has no readable image")
+    if not pseudo:
+        # A few labeled images, every worker all of them: repeat them so one pass holds several
+        # whole batches (each repeat gets its own augmentation).
+        repeats = max(math.ceil(8 * cfg.train.batch_size / max(len(labeled), 1)), 1)
+        labeled = pd.concat([labeled] * repeats, ignore_index=True)
+    dataset = training_dataset(cfg, labeled, num_classes, pseudo["dir"] if pseudo else None, randaugment=bool(pseudo))
+    return Streams(dataset, len(labeled) + pseudo_rows, split_train=bool(pseudo),
+                   unlabeled=unlabeled_views(cfg, pool_index["dir"]), pool_rows=pool_index["rows"])
 
 
 def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: int,
@@ -88,18 +141,23 @@ def _training_error(exc: TrainingFailedError) -> TrainingError | None:
 
 
 def train_model(
-    cfg: PipelineConfig, name: str, arch: str, dataset: ray.data.Dataset, rows: int,
+    cfg: PipelineConfig, name: str, arch: str, streams: Streams,
     spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
     validation: pd.DataFrame | None = None, callbacks: list[Any] | None = None,
 ) -> TrainedModel:
-    """Fit `arch` and copy the final model to `out_dir/model`. Re-running resumes the same
-    Ray Train run (same name and storage) from its last committed checkpoint.
+    """Fit `arch` by `cfg.students` (a student) or `cfg.teacher` and copy the final model to
+    `out_dir/model`. Re-running resumes the same Ray Train run (same name and storage) from its
+    last committed checkpoint.
 
     `validation` (`path`, `label`) adds `val/accuracy` to every epoch's report; `callbacks` are
     Ray Train `UserCallback`s (a sweep passes Tune's report callback and an MLflow logger)."""
     dropout = cfg.noise.dropout if student else cfg.train.teacher_dropout
+    method = cfg.students if student else cfg.teacher
     loop_config = {
-        **spec, "arch": arch, "method": "noisy_student", "rows": rows, "seed": seed,
+        **spec, "arch": arch, "method": method.method, "knobs": method.knobs(), "online": method.online,
+        "mu": method.mu, "max_empty_epochs": method.max_empty_epochs, "collapse_fraction": method.collapse_fraction,
+        "rows": streams.rows, "split_train": streams.split_train, "pool_rows": streams.pool_rows,
+        "steps_per_epoch": cfg.train.steps_per_epoch, "seed": seed,
         "epochs": cfg.train.student_epochs if student else cfg.train.teacher_epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
         "dropout": dropout, "stochastic_depth": cfg.noise.stochastic_depth if student else 0.0,
@@ -120,7 +178,8 @@ def train_model(
         run_config=RunConfig(name=name, storage_path=str((out_dir.parent / "ray_train").resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=0), callbacks=callbacks or []),
-        datasets={"train": dataset},
+        datasets={"train": streams.train, **({"unlabeled": streams.unlabeled} if streams.unlabeled else {})},
+        dataset_config=DataConfig(datasets_to_split=["unlabeled", *(["train"] if streams.split_train else [])]),
     )
     try:
         result = trainer.fit()

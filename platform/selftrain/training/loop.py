@@ -1,10 +1,23 @@
 """The training loop that runs inside each Ray Train worker (DDP: gloo on CPU, NCCL on GPU).
 
-It reads its shard of the prepared dataset (`image`: uint8 NCHW, already decoded and augmented
-by Ray Data on CPU; `target`: float class distribution), optimises the method's loss, and
-reports metrics with a checkpoint every epoch. A restarted worker resumes from Ray's last
-committed checkpoint, so an epoch may run twice: nothing here has side effects beyond the
-checkpoint it reports.
+One loop for every objective (`methods/`): it owns the optimizer, schedule, AMP, checkpoints and
+reports; the method owns only its formula. It reads up to two streams, both decoded and augmented
+by Ray Data on CPU:
+
+- `train`: `image` (uint8 NCHW) + `target` (float class distribution): labeled rows, plus the
+  pseudo-labeled ones for a student. Split across workers when it holds pseudo-labels; a
+  labeled-only stream is small by premise and every worker reads all of it.
+- `unlabeled` (online methods only): `weak`, `strong` (two views of one pool image), `index`
+  (its slot in `[0, pool_rows)`) and `label` (its true class, -1 when unknown); always split.
+
+Both streams are cycled and every epoch runs the same fixed number of steps on every rank: a
+rank whose iterator ran short while the others still stepped would wait forever in DDP's
+all-reduce (ray issue 66085). Split streams therefore yield only full batches (`drop_last`,
+equal shards) and are shuffled by `_mixed`, which never changes a batch's size.
+
+A restarted worker resumes from Ray's last committed checkpoint (model, optimizer, schedule,
+method state), so an epoch may run twice: nothing here has side effects beyond the checkpoint
+it reports.
 """
 
 from __future__ import annotations
@@ -13,25 +26,28 @@ import json
 import math
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
-from selftrain.methods import METHODS
+from selftrain.methods import METHODS, Batch
 from selftrain.models.registry import build_model
 
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model.json"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+MIX_WINDOW = 8  # batches whose rows `_mixed` shuffles together
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -57,10 +73,61 @@ def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), spec
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+def steps_per_epoch(config: dict[str, Any], world: int) -> int:
+    """Fixed and equal on every rank: the config's, or one pass over the stream that sets the
+    pace (the pool for an online method; else the training rows, as whole batches when a
+    worker has at least one full batch)."""
+    if config.get("steps_per_epoch"):
+        return config["steps_per_epoch"]
+    if config.get("online"):
+        return max(config["pool_rows"] // (world * config["mu"] * config["batch_size"]), 1)
+    per_worker = config["rows"] / (world * config["batch_size"])
+    return max(math.floor(per_worker) if drop_last(config, world) else math.ceil(per_worker), 1)
+
+
+def drop_last(config: dict[str, Any], world: int) -> bool:
+    # A last batch of a handful of images (70 rows at batch 64 leaves 6) gives BatchNorm
+    # statistics of 6 images a full-size step at peak lr; it made a 70-image teacher diverge.
+    # Drop it whenever a worker has at least one full batch: its rows come back reshuffled.
+    return config["rows"] // world >= config["batch_size"]
+
+
+def _mixed(batches: Iterator[dict[str, torch.Tensor]], generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Rows shuffled across windows of MIX_WINDOW batches; every batch keeps its size."""
+    window: list[dict[str, torch.Tensor]] = []
+
+    def flush():
+        sizes = [len(next(iter(b.values()))) for b in window]
+        order = torch.randperm(sum(sizes), generator=generator)
+        joined = {k: torch.cat([b[k] for b in window])[order.to(window[0][k].device)] for k in window[0]}
+        start = 0
+        for size in sizes:
+            yield {k: v[start:start + size] for k, v in joined.items()}
+            start += size
+
+    for batch in batches:
+        window.append(batch)
+        if len(window) == MIX_WINDOW:
+            yield from flush()
+            window = []
+    if window:
+        yield from flush()
+
+
+def _cycle(shard: Any, batch_size: int, device: torch.device, drop: bool, seed: int,
+           shuffle_buffer: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of `shard` forever: a new pass (fresh Ray Data augmentation) when one ends."""
+    generator = torch.Generator().manual_seed(seed)
+    for passes in range(1_000_000_000):
+        batches = shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop,
+                                           local_shuffle_buffer_size=shuffle_buffer,
+                                           local_shuffle_seed=seed + passes if shuffle_buffer else None)
+        empty = True
+        for batch in (batches if shuffle_buffer else _mixed(batches, generator)):
+            empty = False
+            yield batch
+        if empty:
+            raise TrainingError("a training stream yielded no batch: the dataset is empty")
 
 
 def _validation_set(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -78,14 +145,65 @@ def _validation_set(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
               channels_last: bool, batch_size: int) -> float:
-    bare = model.module if hasattr(model, "module") else model  # no DDP sync for a local eval
-    bare.eval()
+    was_training = model.training
+    model.eval()
     correct = 0
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start:start + batch_size].to(device), channels_last=channels_last)
-        correct += int((bare(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
-    bare.train()
+        correct += int((model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
+    model.train(was_training)
     return correct / max(len(images), 1)
+
+
+class _EpochMetrics:
+    """Sums of each step metric (NaN steps skipped), all-reduced once per epoch."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.sums, self.counts, self.images = device, {}, {}, 0
+
+    def add(self, metrics: dict[str, torch.Tensor], images: int) -> None:
+        self.images += images
+        for key, value in metrics.items():
+            value = float(value)
+            if not math.isnan(value):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def reduce(self, keys: list[str]) -> tuple[dict[str, float], int]:
+        """Means over every rank's steps (keys in a fixed order: every rank must pass the same)."""
+        values = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0)] for k in keys] + [[self.images, 0]],
+                              dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        means = {k: values[i, 0].item() / values[i, 1].item() for i, k in enumerate(keys) if values[i, 1] > 0}
+        return means, int(values[-1, 0].item())
+
+
+def _metric_name(key: str) -> str:
+    return f"train/{key}" if "/" not in key else key
+
+
+def _watch(epoch_metrics: dict[str, float], config: dict[str, Any], streak: dict[str, int], epoch: int) -> None:
+    """An online method whose mask stays empty, or whose pseudo-labels collapse onto one class,
+    is warned about every epoch and stopped after `max_empty_epochs` such epochs in a row."""
+    if not config.get("online") or "unsup/mask_rate" not in epoch_metrics:
+        return
+    limit, share = config["max_empty_epochs"], config["collapse_fraction"]
+    problems = {
+        "empty": (epoch_metrics["unsup/mask_rate"] == 0.0,
+                  f"no unlabeled image passed the mask in epoch {epoch} (threshold "
+                  f"{epoch_metrics.get('unsup/threshold', float('nan')):.3g}): lower the method's threshold"),
+        "collapse": (epoch_metrics.get("unsup/top_class_fraction", 0.0) > share and config["num_classes"] > 1,
+                     f"{epoch_metrics.get('unsup/top_class_fraction', 0.0):.0%} of epoch {epoch}'s pseudo-labels "
+                     f"are one class (collapse_fraction {share}): the pseudo-labels are collapsing"),
+    }
+    for name, (bad, message) in problems.items():
+        streak[name] = streak.get(name, 0) + 1 if bad else 0
+        if bad:
+            warnings.warn(f"{config['method']}: {message}", stacklevel=2)
+        if streak[name] >= limit:
+            raise TrainingError(f"{config['method']} stopped: {message}, {limit} epochs in a row "
+                                f"(max_empty_epochs={limit})")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -96,58 +214,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["torch_threads"])
 
     spec = {k: config[k] for k in ("arch", "num_classes", "classes", "image_size")}
+    device = ray.train.torch.get_device()
+    channels_last = device.type == "cuda"
+    use_amp = device.type == "cuda" and config.get("amp", True)
     model = build_model(config["arch"], config["num_classes"], config["dropout"], config["stochastic_depth"])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # weights match the channels_last inputs
+    model = model.to(device)
+    per_epoch = steps_per_epoch(config, world)
+    total = config["epochs"] * per_epoch
+    method = METHODS[config["method"]](config["num_classes"], config.get("knobs"), total_steps=total,
+                                       pool_size=config.get("pool_rows"))
+    method.setup(model)
+
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-            model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
+            model.load_state_dict(torch.load(Path(directory) / "live_model.pt", map_location="cpu", weights_only=True))
+            method.load_state_dict(state["method"])
     # The optimizer is built after the model reaches its device, so restored momentum buffers
     # land there too (load_state_dict casts state to the parameters' device).
-    if ray.train.torch.get_device().type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # weights match the channels_last inputs
-    model = ray.train.torch.prepare_model(model)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
                                 weight_decay=config["weight_decay"])
-    # A last batch of a handful of images (70 rows at batch 64 leaves 6) gives BatchNorm
-    # statistics of 6 images a full-size step at peak lr; it made a 70-image teacher diverge.
-    # Drop it whenever a worker has at least one full batch: its rows come back reshuffled.
-    drop_last = config["rows"] // world >= config["batch_size"]
-    per_worker = config["rows"] / (world * config["batch_size"])
-    steps_per_epoch = max(math.floor(per_worker) if drop_last else math.ceil(per_worker), 1)
-    total = config["epochs"] * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, total, warmup=min(steps_per_epoch, total // 10 + 1))
-    )
+        optimizer, lambda step: cosine_with_warmup(step, total, warmup=min(per_epoch, total // 10 + 1)))
     start_epoch, history = 0, []
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
 
-    device = ray.train.torch.get_device()
-    channels_last = device.type == "cuda"
-    use_amp = device.type == "cuda" and config.get("amp", True)
-    objective = METHODS[config["method"]]
-    shard = ray.train.get_dataset_shard("train")
+    split_train = config.get("split_train", True)
+    train = _cycle(ray.train.get_dataset_shard("train"), config["batch_size"], device,
+                   drop=drop_last(config, world if split_train else 1),
+                   seed=config["seed"] * 1000 + 100 * rank + start_epoch,
+                   # A replicated stream is private to this rank: Ray's shuffle buffer is safe there.
+                   shuffle_buffer=None if split_train and world > 1 else (config["shuffle_buffer"] or None))
+    pool = None
+    if config.get("online"):
+        pool = _cycle(ray.train.get_dataset_shard("unlabeled"), config["mu"] * config["batch_size"], device,
+                      drop=True, seed=config["seed"] * 1000 + 100 * rank + start_epoch + 7, shuffle_buffer=None)
     validation = _validation_set(config)
+    metric_keys: list[str] | None = None
+    streak: dict[str, int] = {}
 
     # Epoch wall time runs from the end of the previous epoch's loop, so it includes the previous
     # report (a barrier) and checkpoint as well as every wait for data: the honest images/s.
     mark = time.perf_counter()
     for epoch in range(start_epoch, config["epochs"]):
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        batches = shard.iter_torch_batches(
-            batch_size=config["batch_size"], device=device, drop_last=drop_last,
-            local_shuffle_buffer_size=config["shuffle_buffer"] or None,
-            local_shuffle_seed=config["seed"] * 1000 + epoch,
-        )
-        for step, batch in enumerate(batches):
-            images = to_model_input(batch["image"], channels_last=channels_last)
+        ddp_model.train()
+        sums = _EpochMetrics(device)
+        for step in range(per_epoch):
+            batch = _batch(next(train), next(pool) if pool else None, channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, metrics = objective(model, images, batch["target"].float())
+                loss, metrics = method.loss(ddp_model, batch, epoch * per_epoch + step)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{config['arch']} loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
@@ -157,42 +280,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            n = images.shape[0]
-            sums += torch.tensor([metrics["loss"].item() * n, metrics["accuracy"].item() * n, n],
-                                 dtype=torch.float64, device=device)
-        loss_sum, correct, seen = _all_reduce_sum(sums).tolist()
-        if seen == 0:
-            raise TrainingError(f"epoch {epoch + 1} saw no training rows: the dataset is empty")
+            method.after_step(model)
+            sums.add(metrics, len(batch.labeled) + (len(batch.weak) if batch.weak is not None else 0))
+        metric_keys = metric_keys or sorted(metrics)
+        means, seen = sums.reduce(metric_keys)
         seconds, mark = time.perf_counter() - mark, time.perf_counter()
-        epoch_metrics = {"epoch": epoch + 1, "train/loss": loss_sum / seen,
-                         "train/accuracy": correct / seen, "train/lr": scheduler.get_last_lr()[0],
+        epoch_metrics = {"epoch": epoch + 1, **{_metric_name(k): v for k, v in means.items()},
+                         "train/lr": scheduler.get_last_lr()[0], "train/steps": per_epoch,
                          "train/epoch_seconds": seconds, "train/images_per_s": seen / seconds}
+        evaluated = method.eval_model(model)
         if validation is not None:  # every rank evaluates the same images: no gather needed
-            epoch_metrics["val/accuracy"] = _accuracy(model, *validation, device, channels_last, config["batch_size"])
+            epoch_metrics["val/accuracy"] = _accuracy(evaluated, *validation, device, channels_last, config["batch_size"])
         history.append(epoch_metrics)
+        _watch(epoch_metrics, config, streak, epoch + 1)
         last = epoch + 1 == config["epochs"]
         if last and rank == 0 and config.get("final_model_dir"):
             # Before the last report: a Tune scheduler may stop the trial as soon as it reports.
             final = Path(config["final_model_dir"])
             final.mkdir(parents=True, exist_ok=True)
-            save_model(final, model.module if hasattr(model, "module") else model, spec)
+            save_model(final, evaluated, spec)
             (final / HISTORY_FILE).write_text(json.dumps(history))
         save = last or (epoch + 1) % config["checkpoint_every"] == 0
-        _report(epoch_metrics, rank, model, optimizer, scheduler, epoch, history, spec, save)
+        _report(epoch_metrics, rank, model, method, optimizer, scheduler, epoch, history, spec, save)
 
     if start_epoch >= config["epochs"]:  # restored after the last epoch: report it again
-        _report(history[-1], rank, model, optimizer, scheduler, config["epochs"] - 1, history, spec, True)
+        _report(history[-1], rank, model, method, optimizer, scheduler, config["epochs"] - 1, history, spec, True)
 
 
-def _report(metrics, rank, model, optimizer, scheduler, epoch, history, spec, save: bool) -> None:
-    """Every rank calls report (a barrier); only rank 0 writes a checkpoint, when `save`."""
+def _batch(train: dict[str, torch.Tensor], pool: dict[str, torch.Tensor] | None, channels_last: bool) -> Batch:
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return to_model_input(images, channels_last=channels_last)
+
+    batch = Batch(prepare(train["image"]), train["target"].float())
+    if pool is not None:
+        batch.weak, batch.strong = prepare(pool["weak"]), prepare(pool["strong"])
+        batch.index, batch.truth = pool["index"].long(), pool["label"].long()
+    return batch
+
+
+def _report(metrics, rank, model, method, optimizer, scheduler, epoch, history, spec, save: bool) -> None:
+    """Every rank calls report (a barrier); only rank 0 writes a checkpoint, when `save`.
+
+    The checkpoint's `model.pt` holds the weights to evaluate (the EMA where the method keeps
+    one); `live_model.pt` the weights being trained, which a restart resumes from."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0 and save:
-            bare = model.module if hasattr(model, "module") else model
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epoch": epoch, "history": history}, Path(tmp) / STATE_FILE)
-            save_model(Path(tmp), bare, spec)
+                        "method": method.state_dict(), "epoch": epoch, "history": history}, Path(tmp) / STATE_FILE)
+            torch.save(model.state_dict(), Path(tmp) / "live_model.pt")
+            save_model(Path(tmp), method.eval_model(model), spec)
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

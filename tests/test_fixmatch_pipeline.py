@@ -1,0 +1,60 @@
+"""The FixMatch smoke pipeline end to end: a teacher trained online on labeled + the unlabeled
+pool (two Ray Data streams into Ray Train), then a Noisy Student round; real Ray, real MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from selftrain.cli import main
+
+from conftest import REPO, copy_tree, digits_overrides, experiment_runs, tracking_uri_set, write_corrupt_files
+
+PIPELINE = str(REPO / "pipelines" / "fixmatch_smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def fixmatch_run(ray_session, digits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fixmatch")
+    pool = copy_tree(digits.unlabeled, root / "pool")
+    bad = write_corrupt_files(pool / "7")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with tracking_uri_set(uri):
+        code = main(["run", PIPELINE, f"output_dir={root / 'run'}", *digits_overrides(digits, pool)])
+    return {"code": code, "root": root, "bad": bad, "client": MlflowClient(uri),
+            "summary": json.loads((root / "run" / "summary.json").read_text()) if code == 0 else None}
+
+
+def test_the_pool_index_numbers_every_readable_image_once(fixmatch_run):
+    assert fixmatch_run["code"] == 0
+    index = pd.read_parquet(fixmatch_run["root"] / "run" / "pool_index" / "index")
+    assert len(index) == 1297  # the digits pool; the unreadable files are not in it
+    assert sorted(index["index"]) == list(range(1297))
+    assert index["path"].is_unique and not set(fixmatch_run["bad"]) & set(index["path"])
+    assert (index["label"] >= 0).all()  # class folders: the truth of every pool image is known
+
+
+def test_the_teacher_trains_by_fixmatch_and_mlflow_shows_its_unlabeled_metrics(fixmatch_run):
+    summary, client = fixmatch_run["summary"], fixmatch_run["client"]
+    assert [(e["role"], e["method"]) for e in summary["iterations"]] == [("teacher", "fixmatch"),
+                                                                          ("student", "noisy_student")]
+    runs = experiment_runs(client, "fixmatch_smoke")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
+    assert len(runs) == 3 and len(children) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    teacher = children[0]
+    params = teacher.data.params
+    assert params["method"] == "fixmatch" and params["method.threshold"] == "0.95"
+    assert params["mu"] == "4" and params["pool_rows"] == "1297"
+    for key in ("train/loss", "sup/loss", "unsup/loss", "unsup/mask_rate", "unsup/threshold", "train/steps"):
+        assert len(client.get_metric_history(teacher.info.run_id, key)) == 3, key  # one per epoch
+    steps = {m.value for m in client.get_metric_history(teacher.info.run_id, "train/steps")}
+    assert steps == {5.0}  # train.steps_per_epoch
+    assert {m.value for m in client.get_metric_history(teacher.info.run_id, "unsup/threshold")} == {
+        pytest.approx(0.95)}
+    # The loss is the supervised part plus λu (1) times the unlabeled part, epoch by epoch.
+    for total, sup, unsup in zip(*(client.get_metric_history(teacher.info.run_id, k)
+                                   for k in ("train/loss", "sup/loss", "unsup/loss"))):
+        assert total.value == pytest.approx(sup.value + unsup.value, rel=1e-5)

@@ -116,3 +116,34 @@ def test_scoring_knobs_are_checked(raw, message):
     assert message in str(err.value)
     assert build_config({"scoring": {"num_actors": 4}}).scoring.num_actors == 4
     assert build_config({}).scoring.num_actors == "auto"
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_every_pipeline_names_models_and_methods_that_exist(path: Path):
+    from selftrain.methods import METHODS
+    from selftrain.models.registry import available_models, check_student_sizes
+
+    cfg = load_sweep(path)[0] if "\nsweep:" in path.read_text() else load_config(path)
+    assert {cfg.model.teacher, *cfg.model.students} <= set(available_models())
+    assert {cfg.teacher.method, cfg.students.method} <= set(METHODS)
+    check_student_sizes(cfg.model.teacher, cfg.model.students, 10)
+
+
+def test_method_sections_are_strict_and_unset_knobs_stay_unset():
+    cfg = build_config({"teacher": {"method": "fixmatch", "threshold": 0.9}})
+    assert cfg.teacher.online and not cfg.students.online and cfg.students.method == "noisy_student"
+    assert cfg.teacher.knobs() == {"threshold": 0.9, "mu": 7}  # the rest: the method's paper defaults
+    with pytest.raises(ConfigError, match=r"teacher.method: Input should be 'supervised', .*'fixmatch'"):
+        build_config({"teacher": {"method": "fixmach"}})
+    with pytest.raises(ConfigError, match=r"students.threshold: Input should be less than or equal to 1"):
+        build_config({"students": {"threshold": 1.5}})
+    with pytest.raises(ConfigError, match=r"teacher.tau: unknown key; allowed: method, threshold"):
+        build_config({"teacher": {"tau": 0.9}})
+
+
+def test_warm_started_students_need_their_teachers_architecture():
+    assert build_config({"train": {"student_init": "teacher"}}).train.student_init == "teacher"
+    with pytest.raises(ConfigError, match=r"student_init=teacher needs each student to have its teacher's "
+                                          r"architecture, but student 1 is wrn_28_8 and its teacher wrn_28_2"):
+        build_config({"train": {"student_init": "teacher"},
+                      "model": {"teacher": "wrn_28_2", "students": ["wrn_28_8"]}})

@@ -91,6 +91,10 @@ class ModelConfig(_Strict):
     def student(self, iteration: int) -> str:
         return self.students[min(iteration, len(self.students)) - 1]
 
+    def teacher_of(self, iteration: int) -> str:
+        """The architecture that teaches student `iteration` (the previous student, or the teacher)."""
+        return self.teacher if iteration == 1 else self.student(iteration - 1)
+
 
 class NoiseConfig(_Strict):
     """The student's noise (Noisy Student, Xie et al. 2020, Sec. 2): input and model noise."""
@@ -124,6 +128,10 @@ class TrainConfig(_Strict):
     )
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's shuffle buffer")
     checkpoint_every: int = Field(5, ge=1, description="epochs between checkpoints (and the last)")
+    student_init: Literal["scratch", "teacher"] = Field(
+        "scratch", description="a student starts from random weights (Noisy Student's default), or "
+        "from its teacher's weights (same architecture only): it starts above chance, so a sweep's "
+        "early stopping compares trials on signal from the first epoch")
     steps_per_epoch: int | None = Field(
         None, ge=1, description="optimizer steps per epoch; default: one pass over the labeled (+ "
         "pseudo-labeled) rows, or for an online method one pass over the unlabeled pool")
@@ -165,6 +173,22 @@ class ScoringConfig(_Strict):
         0.5, ge=0.0, le=1.0, description="stop after scoring when more than this fraction of the "
         "pool's files is unreadable (the scores stay on disk); 1.0 never stops"
     )
+    tta: list[Literal["flip", "shift", "scale"]] = Field(
+        [], description="test-time transforms the teacher scores each pool image under, its softmax "
+        "probabilities averaged over the views (data distillation, Radosavovic et al. 2018); the plain "
+        "image is always a view. flip: the horizontal mirror (not for digits/text, where a mirror is "
+        "another symbol); shift: 4 crops shifted by image_size//8 px up/down/left/right, reflect-padded; "
+        "scale: a 1.125x zoom-in centre crop and a 0.875x zoom-out, reflect-padded. The pool only, never "
+        "the test set; empty = the plain image. Each view is one more forward pass over the pool"
+    )
+
+    @model_validator(mode="after")
+    def _tta_unique(self) -> ScoringConfig:
+        repeated = sorted({t for t in self.tta if self.tta.count(t) > 1})
+        if repeated:
+            raise ValueError(f"scoring.tta lists {', '.join(map(repr, repeated))} more than once "
+                             f"(got {self.tta}); name each transform at most once")
+        return self
 
     @model_validator(mode="after")
     def _counts_positive(self) -> ScoringConfig:
@@ -260,6 +284,17 @@ class PipelineConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+
+    @model_validator(mode="after")
+    def _student_init_needs_equal_architectures(self) -> PipelineConfig:
+        if self.train.student_init == "teacher":
+            for i in range(1, self.iterations + 1):
+                if self.model.student(i) != self.model.teacher_of(i):
+                    raise ValueError(
+                        f"train.student_init=teacher needs each student to have its teacher's architecture, "
+                        f"but student {i} is {self.model.student(i)} and its teacher {self.model.teacher_of(i)} "
+                        "(model.students); use train.student_init=scratch or equal architectures")
+        return self
 
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")

@@ -74,7 +74,7 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dic
         for iteration in range(1, cfg.iterations + 1):
             scores = score_stage(run, iteration, teacher)
             pseudo = pseudo_label_stage(run, iteration, teacher, scores)
-            student = train_stage(run, iteration, cfg.model.student(iteration), pseudo)
+            student = train_stage(run, iteration, cfg.model.student(iteration), pseudo, teacher["model_dir"])
             results.append(student)
             teacher = student
 
@@ -145,7 +145,8 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
     def compute() -> dict[str, Any]:
         cfg = run.cfg.pseudo_label
         meta = {"teacher_id": teacher["mlflow_run_id"], "teacher_model": teacher["model"],
-                "iteration": iteration, "threshold": cfg.threshold, "temperature": cfg.temperature}
+                "iteration": iteration, "threshold": cfg.threshold, "temperature": cfg.temperature,
+                "tta": run.cfg.scoring.tta}
         directory, stats, rows = select_pseudo_labels(
             scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
             run.seed(iteration), meta)
@@ -175,7 +176,8 @@ def method_params(method: Any) -> dict[str, Any]:
             **{f"method.{k}": v for k, v in {**METHODS[method.method].defaults, **method.knobs()}.items()}}
 
 
-def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | None) -> dict[str, Any]:
+def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | None,
+                teacher_dir: str | None = None) -> dict[str, Any]:
     """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only."""
     key = f"iter{iteration}"
     if run.ledger.get(f"{key}/result"):
@@ -214,7 +216,7 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     streams = training_streams(cfg, method, run.sets.labeled, len(classes), pseudo, pool)
     spec = {"num_classes": len(classes), "classes": classes, "image_size": cfg.data.image_size}
     trained = train_model(cfg, f"{key}-{role}", arch, streams, spec, student=pseudo is not None,
-                          out_dir=run.out / key, seed=run.seed(iteration))
+                          out_dir=run.out / key, seed=run.seed(iteration), teacher_dir=teacher_dir)
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
 

@@ -95,7 +95,8 @@ class _Trial:
             record.update(model_dir=str(self.out / f"iter{iteration}" / "model"),
                           epochs=epochs_before + cfg.train.student_epochs)
             self._save(record)
-            teacher = {"model": arch, "model_dir": self._student(iteration, arch, scores, epochs_before)}
+            teacher = {"model": arch, "model_dir": self._student(iteration, arch, scores, epochs_before,
+                                                                 teacher["model_dir"])}
 
     def _save(self, record: dict[str, Any]) -> None:
         (self.out / TRIAL_FILE).write_text(json.dumps(record))
@@ -116,11 +117,11 @@ class _Trial:
                           fresh_dir(self.out / f"iter{iteration}" / "scoring"),
                           pool_name=f"data.unlabeled={paths.unlabeled}")
 
-    def _student(self, iteration: int, arch: str, scores: str, epochs_before: int) -> str:
+    def _student(self, iteration: int, arch: str, scores: str, epochs_before: int, teacher_dir: str) -> str:
         cfg, shared = self.cfg, self.shared
         seed = cfg.seed * 1000 + iteration
         meta = {"teacher_model": arch, "iteration": iteration, "threshold": cfg.pseudo_label.threshold,
-                "temperature": cfg.pseudo_label.temperature}
+                "temperature": cfg.pseudo_label.temperature, "tta": cfg.scoring.tta}
         labels, stats, rows = _outside_trial_bundle(
             select_pseudo_labels, scores, cfg.pseudo_label, shared.classes,
             fresh_dir(self.out / f"iter{iteration}" / "labels"), seed, meta)
@@ -129,7 +130,8 @@ class _Trial:
                                    {"dir": labels, "rows": rows}, shared.pool_index)
         logger = MlflowEpochs(shared.tracking_uri, cfg.name, self.run_id, step_offset=epochs_before)
         trained = train_model(cfg, f"iter{iteration}-student", arch, streams, self._spec(), student=True, out_dir=self.out / f"iter{iteration}", seed=seed,
-                              validation=shared.validation, callbacks=[TuneReportCallback(), logger])
+                              validation=shared.validation, callbacks=[TuneReportCallback(), logger],
+                              teacher_dir=teacher_dir)
         return trained.model_dir
 
     def _spec(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ pool on the driver (unreadable files are counted, and the first `LISTED` named).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,12 @@ def _to_pseudo_labels(batch: pd.DataFrame, cfg: PseudoLabelConfig, meta: dict[st
     })
 
 
+def tta_name(tta: Sequence[str]) -> str:
+    """The `tta` column: the views the teacher's scores average, e.g. "plain+flip+shift", or
+    "plain" without `scoring.tta`."""
+    return "+".join(("plain", *tta))
+
+
 def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -> None:
     """Stop before training on nothing, saying why (scores stay on disk for another τ)."""
     if stats.scored == 0:
@@ -125,7 +132,13 @@ def select_pseudo_labels(
     scores_dir: str, cfg: PseudoLabelConfig, classes: list[str], out_dir: Path, seed: int,
     meta: dict[str, Any],
 ) -> tuple[str, PoolStats, int]:
-    """Write `out_dir/pseudo_labels/`; return its path, the pool stats and the rows written."""
+    """Write `out_dir/pseudo_labels/`; return its path, the pool stats and the rows written.
+
+    Each `meta` item becomes a constant column (provenance: teacher, iteration, threshold,
+    temperature, ...); `meta["tta"]`, the `scoring.tta` list that scored the pool, is written
+    as its `tta_name` string."""
+    if isinstance(meta.get("tta"), (list, tuple)):
+        meta = {**meta, "tta": tta_name(meta["tta"])}
     scores = ray.data.read_parquet(scores_dir)
     stats = pool_stats(scores, cfg.threshold, len(classes))
     check_usable(stats, cfg, classes)

@@ -3,6 +3,11 @@
 Used for the unlabeled pool (written as Parquet, never collected on the driver) and for the
 test set. The teacher runs un-noised (eval mode, no augmentation), as Noisy Student requires
 (Xie et al. 2020, Sec. 2: "the teacher is not noised ... so the pseudo labels are accurate").
+
+With `scoring.tta` the pool pass (only) scores each image under fixed, deterministic
+test-time transforms and averages the probabilities: data distillation (Radosavovic et al.
+2018), an ensemble of views rather than noise. The `logits` column then holds log p̄, whose
+softmax is p̄ itself, so the pseudo-label stage reads it as it reads plain logits.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ import pandas as pd
 import ray
 import ray.data
 import torch
+import torch.nn.functional as F
 from ray.data import ActorPoolStrategy
 
 from selftrain.config import ScoringConfig
@@ -33,6 +40,62 @@ EXAMPLES = 5  # unreadable files named in the error message
 # of a stand-in H100's ResNet-50 speed on 2 CPU cores, against 0.59-0.62 with one (`selftrain bench
 # --parts plumbing`); more calls gained little there and hold more batches in GPU memory.
 GPU_CONCURRENT_BATCHES = 4
+ZOOM_IN, ZOOM_OUT = 1.125, 0.875  # `scoring.tta: [scale]`
+MIN_PROBABILITY = 1e-12  # log p̄ is clamped at log(1e-12): a finite "logit" for a class no view gives
+
+
+def _reflect_shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """NCHW shifted by (dy, dx) pixels (positive: down / right); the edge it uncovers is
+    reflect-padded, so the image keeps its size."""
+    h, w = x.shape[-2:]
+    kept = x[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return F.pad(kept, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="reflect")
+
+
+def _zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """factor > 1: the centre 1/factor of the image, resized back up; < 1: the image shrunk by
+    factor and reflect-padded back to its size (centred)."""
+    h, w = x.shape[-2:]
+    if factor > 1:
+        ch, cw = max(1, round(h / factor)), max(1, round(w / factor))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return F.interpolate(x[..., top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                             align_corners=False)
+    sh, sw = max(1, round(h * factor)), max(1, round(w * factor))
+    small = F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True)
+    ph, pw = h - sh, w - sw
+    return F.pad(small, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+
+
+def tta_views(x: torch.Tensor, tta: Sequence[str]) -> list[torch.Tensor]:
+    """The views of an NCHW batch that `scoring.tta` scores, on the batch's own device (torch
+    ops only): the plain batch first, then per transform in `tta` order
+    flip: the horizontal mirror; shift: shifted by size//8 px (at least 1) up, down, left, right;
+    scale: a ZOOM_IN centre crop resized back, and a ZOOM_OUT shrink reflect-padded back."""
+    views = [x]
+    for transform in tta:
+        if transform == "flip":
+            views.append(torch.flip(x, [-1]))
+        elif transform == "shift":
+            dy, dx = max(1, x.shape[-2] // 8), max(1, x.shape[-1] // 8)
+            views += [_reflect_shift(x, -dy, 0), _reflect_shift(x, dy, 0),
+                      _reflect_shift(x, 0, -dx), _reflect_shift(x, 0, dx)]
+        elif transform == "scale":
+            views += [_zoom(x, ZOOM_IN), _zoom(x, ZOOM_OUT)]
+        else:
+            raise ValueError(f"unknown scoring.tta transform {transform!r}")
+    return views
+
+
+def tta_log_probs(forward: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log of the softmax probabilities (T = 1) averaged over `views`, one forward pass per view
+    (a batch's memory, not len(views) batches'), clamped at log(MIN_PROBABILITY). softmax of the
+    result gives back the mean probabilities, so it stands in for logits downstream."""
+    total = None
+    for view in views:
+        probs = torch.softmax(forward(view).float(), dim=1)
+        total = probs if total is None else total.add_(probs)
+    return torch.log((total / len(views)).clamp_min_(MIN_PROBABILITY))
 
 
 def cluster_has_gpus() -> bool:
@@ -65,9 +128,14 @@ class TeacherScorer:
     With `scoring.concurrent_batches` > 1, Ray Data runs that many calls at once in the actor's
     threads. On a GPU each thread has its own CUDA stream and copies its batch through pinned
     memory, so one batch's host work (Ray's batching, the copy to the device, the outputs)
-    overlaps another's compute, and the GPU is not left waiting on Python between batches."""
+    overlaps another's compute, and the GPU is not left waiting on Python between batches.
 
-    def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool):
+    With `tta` (the pool pass of `scoring.tta`) each batch is scored under every view of
+    `tta_views`, made on the device in the same stream, and `logits` are log p̄ (`tta_log_probs`)."""
+
+    tta: tuple[str, ...] = ()  # a subclass that sets itself up (the bench's) scores the plain image
+
+    def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool, tta: Sequence[str] = ()):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.spec = load_model(model_dir)
         self.on_gpu = self.device.type == "cuda"
@@ -76,6 +144,7 @@ class TeacherScorer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
+        self.tta = tuple(tta)
         self._thread = threading.local()  # each call thread's CUDA stream
         # Ray hands the batch over as a read-only view of its block; on CPU the model reads it
         # in place, so torch's warning about non-writable arrays says nothing here.
@@ -101,9 +170,18 @@ class TeacherScorer:
         x = host.to(self.device, non_blocking=self.on_gpu)
         return to_model_input(nhwc_to_nchw(x), channels_last=self.channels_last)
 
-    def logits(self, x: torch.Tensor) -> np.ndarray:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model(x).float().cpu().numpy()  # waits for this thread's stream only
+            return self.model(x).float()
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        if not self.tta:
+            return self._forward(x).cpu().numpy()  # waits for this thread's stream only
+        views = [self._view(v) for v in tta_views(x, self.tta)]  # made on the device, in this stream
+        return tta_log_probs(self._forward, views).cpu().numpy()
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -122,15 +200,16 @@ class TeacherScorer:
 
 def score(
     rows: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int,
-    from_paths: bool, parquet_column: str = "image",
+    from_paths: bool, parquet_column: str = "image", tta: Sequence[str] = (),
 ) -> ray.data.Dataset:
-    """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`."""
+    """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`.
+    `tta` only from `score_pool`: the test set (`evaluate`) is scored on the plain image."""
     if from_paths:
         decoded = rows.map_batches(load_batch, fn_kwargs={"size": image_size, "parquet_column": parquet_column},
                                    batch_size=64, num_cpus=0.5)
     else:
         decoded = rows.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=64, num_cpus=0.5)
-    return infer(decoded, model_dir, cfg)
+    return infer(decoded, model_dir, cfg, **({"tta": tuple(tta)} if tta else {}))
 
 
 def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer: type = TeacherScorer,
@@ -155,11 +234,12 @@ def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer:
 def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int, out_dir: Path,
                pool_name: str = "data.unlabeled") -> str:
     """Score every pool image and write `{path, label, error, logits, prediction, confidence}`
-    as sharded Parquet; then stop with DataError if the pool was empty or mostly unreadable."""
+    as sharded Parquet; then stop with DataError if the pool was empty or mostly unreadable.
+    Under `cfg.tta` the views' mean probability p̄ is scored: `logits` = log p̄."""
     scores_dir = out_dir / "scores"
     # Write tasks at half a CPU, as every other pool task: at Ray's default (1 CPU) they wait
     # behind the scoring actor and the decode tasks on a 2-core machine until decoding ends.
-    score(pool, model_dir, cfg, image_size, from_paths=False).write_parquet(
+    score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta).write_parquet(
         str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
     check_scores(str(scores_dir), cfg.max_rejected_fraction, pool_name)
     return str(scores_dir)

@@ -68,47 +68,68 @@ def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column:
             "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
 
 
-def unlabeled_views(cfg: PipelineConfig, pool_index_dir: str) -> ray.data.Dataset:
+PASS_BATCHES = 64  # a small stream is repeated until one pass holds this many batches
+
+
+def _repeats(rows: int, batch_rows: int) -> int:
+    """How often a stream of `rows` is repeated so one pass holds PASS_BATCHES batches.
+
+    Each pass over a stream starts a new Ray Data execution (about a second of start-up here);
+    a small stream (50 labeled images, the 1,300 digits of the pool) would pay it every few
+    steps. The rows are repeated before decoding, so every repeat is augmented afresh."""
+    return max(math.ceil(PASS_BATCHES * batch_rows / max(rows, 1)), 1)
+
+
+def _repeated(rows: ray.data.Dataset, repeats: int) -> ray.data.Dataset:
+    """`rows` (ids and targets only: small when repeated) `repeats` times over."""
+    if repeats == 1:
+        return rows
+    once = rows.materialize()
+    return once.union(*[once] * (repeats - 1))
+
+
+def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[str, Any]) -> ray.data.Dataset:
+    """The pool's weak and strong views, in the order of the index (no all-to-all shuffle: the
+    training loop mixes rows across windows of batches, and a pool of millions stays streamed)."""
     cpus = cfg.train.data_cpus_per_task
-    return ray.data.read_parquet(pool_index_dir, num_cpus=cpus).randomize_block_order(seed=cfg.seed).map_batches(
-        _views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
-                           "parquet_column": cfg.data.parquet_image_column}, batch_size=64, num_cpus=cpus)
+    repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
+    index = _repeated(ray.data.read_parquet(pool_index["dir"], num_cpus=cpus), repeats)
+    return index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
+                                                "parquet_column": cfg.data.parquet_image_column},
+                             batch_size=64, num_cpus=cpus)
 
 
 def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.DataFrame, num_classes: int,
                      pseudo: dict[str, Any] | None, pool_index: dict[str, Any] | None) -> Streams:
     """The streams `method` trains on. A student's supervised stream carries RandAugment (Noisy
     Student's input noise); a teacher's only the weak flip-and-shift."""
-    pseudo_rows = pseudo["rows"] if pseudo else 0
+    rows = len(labeled) + (pseudo["rows"] if pseudo else 0)
+    pseudo_dir = pseudo["dir"] if pseudo else None
     if not method.online:
-        dataset = training_dataset(cfg, labeled, num_classes, pseudo["dir"] if pseudo else None, randaugment=bool(pseudo))
-        return Streams(dataset, len(labeled) + pseudo_rows)
+        return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo)), rows)
     if not pool_index or not pool_index["rows"]:
         raise TrainingError(f"method {method.method!r} learns from the unlabeled pool, but the pool has no readable image")
-    if not pseudo:
-        # A few labeled images, every worker all of them: repeat them so one pass holds several
-        # whole batches (each repeat gets its own augmentation).
-        repeats = max(math.ceil(8 * cfg.train.batch_size / max(len(labeled), 1)), 1)
-        labeled = pd.concat([labeled] * repeats, ignore_index=True)
-    dataset = training_dataset(cfg, labeled, num_classes, pseudo["dir"] if pseudo else None, randaugment=bool(pseudo))
-    return Streams(dataset, len(labeled) + pseudo_rows, split_train=bool(pseudo),
-                   unlabeled=unlabeled_views(cfg, pool_index["dir"]), pool_rows=pool_index["rows"])
+    repeats = _repeats(rows, cfg.train.batch_size)
+    return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats),
+                   rows * repeats, split_train=bool(pseudo),
+                   unlabeled=unlabeled_views(cfg, method, pool_index), pool_rows=pool_index["rows"])
 
 
 def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: int,
-                     pseudo_dir: str | None, randaugment: bool) -> ray.data.Dataset:
+                     pseudo_dir: str | None, randaugment: bool, repeats: int = 1) -> ray.data.Dataset:
     """Labeled rows (one-hot targets) + pseudo-labeled rows (teacher targets), prepared lazily."""
-    prepare = {"size": cfg.data.image_size, "noise": cfg.noise, "randaugment": randaugment,
-               "parquet_column": cfg.data.parquet_image_column}
     cpus = cfg.train.data_cpus_per_task  # every task, reads too: a 1-CPU read beside the
     # trainer on a small node never gets scheduled and training waits forever
+    prepare = {"size": cfg.data.image_size, "noise": cfg.noise, "randaugment": randaugment,
+               "parquet_column": cfg.data.parquet_image_column}
+    labeled = pd.concat([labeled] * repeats, ignore_index=True)
     one_hot = np.eye(num_classes, dtype=np.float32)[labeled["label"].to_numpy()]
     labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "target": list(one_hot)}))
     dataset = labeled_rows.map_batches(_prepare, fn_kwargs={**prepare, "target_column": "target"},
                                        batch_size=64, num_cpus=cpus)
     if pseudo_dir:
         pseudo = ray.data.read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
-        dataset = dataset.union(pseudo.map_batches(
+        dataset = dataset.union(_repeated(pseudo, repeats).map_batches(
             _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
     return dataset.randomize_block_order(seed=cfg.seed)
 
@@ -143,14 +164,15 @@ def _training_error(exc: TrainingFailedError) -> TrainingError | None:
 def train_model(
     cfg: PipelineConfig, name: str, arch: str, streams: Streams,
     spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
-    validation: pd.DataFrame | None = None, callbacks: list[Any] | None = None,
+    validation: pd.DataFrame | None = None, callbacks: list[Any] | None = None, teacher_dir: str | None = None,
 ) -> TrainedModel:
     """Fit `arch` by `cfg.students` (a student) or `cfg.teacher` and copy the final model to
     `out_dir/model`. Re-running resumes the same Ray Train run (same name and storage) from its
     last committed checkpoint.
 
     `validation` (`path`, `label`) adds `val/accuracy` to every epoch's report; `callbacks` are
-    Ray Train `UserCallback`s (a sweep passes Tune's report callback and an MLflow logger)."""
+    Ray Train `UserCallback`s (a sweep passes Tune's report callback and an MLflow logger);
+    a student starts from `teacher_dir`'s weights when `train.student_init` is `teacher`."""
     dropout = cfg.noise.dropout if student else cfg.train.teacher_dropout
     method = cfg.students if student else cfg.teacher
     loop_config = {
@@ -158,6 +180,7 @@ def train_model(
         "mu": method.mu, "max_empty_epochs": method.max_empty_epochs, "collapse_fraction": method.collapse_fraction,
         "rows": streams.rows, "split_train": streams.split_train, "pool_rows": streams.pool_rows,
         "steps_per_epoch": cfg.train.steps_per_epoch, "seed": seed,
+        "init_model_dir": teacher_dir if student and cfg.train.student_init == "teacher" else None,
         "epochs": cfg.train.student_epochs if student else cfg.train.teacher_epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
         "dropout": dropout, "stochastic_depth": cfg.noise.stochastic_depth if student else 0.0,

@@ -229,6 +229,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     state = None
+    if config.get("init_model_dir") and not checkpoint:  # a student warm-started from its teacher
+        model.load_state_dict(torch.load(Path(config["init_model_dir"]) / MODEL_FILE, map_location=device,
+                                         weights_only=True))
+        method.setup(model)  # the EMA starts from the same weights
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)

@@ -1,5 +1,9 @@
-"""`selftrain bench`'s plumbing part on the shared local Ray: the real scoring pipeline feeding
-a stand-in device (its numbers are measured by the bench; here only what must always hold)."""
+"""`selftrain bench`'s plumbing and consistency parts on the shared local Ray: the real scoring pipeline feeding
+a stand-in device, and FixMatch through Ray Train vs a bare loop (their numbers are measured by
+the bench; here only what must always hold)."""
+
+import numpy as np
+import pytest
 
 from selftrain.bench import ratios, table
 from selftrain.bench.plumbing import run_plumbing
@@ -24,3 +28,32 @@ def test_plumbing_scores_every_image_and_the_device_is_never_busier_than_its_spa
     printed = table(results)
     assert "stand-in device of 20,000 img/s (32 px, batch 128; no goal)" in printed
     assert f"scoring.concurrent_batches={GPU_CONCURRENT_BATCHES}" in printed
+
+
+def test_consistency_runs_every_fixmatch_step_on_both_sides_and_reports_their_ratio(ray_session):
+    from selftrain.bench.consistency import materialised_pool, pool_views, run_consistency
+
+    rows = materialised_pool(64, 8, 10).take_batch(64)  # Ray's pool holds the bare loop's rows
+    order = np.argsort(rows["index"])
+    for name, values in pool_views(np.arange(64), 8, 10).items():
+        np.testing.assert_array_equal(np.asarray(rows[name])[order], values)
+
+    result = run_consistency("cnn_small", labeled_rows=32, pool_size=64, size=8, epochs=3, steps_per_epoch=3,
+                             batch_size=8, cpus=1.0, use_gpu=False, mu=2)
+    history = result["ray_train_history"]
+    assert len(history) == 3 and [epoch["train/steps"] for epoch in history] == [3, 3, 3]
+    assert result["ray_train_steps"] == result["bare_steps"] == 9
+    # FixMatch ran in the worker: its loop read both streams (labeled + mu * B unlabeled per step).
+    assert all("unsup/mask_rate" in epoch for epoch in history)
+    assert all(epoch["train/images_per_s"] * epoch["train/epoch_seconds"] == pytest.approx(3 * (8 + 2 * 8))
+               for epoch in history)
+    assert len(result["ray_train_steps_per_s_by_epoch"]) == len(result["bare_steps_per_s_by_epoch"]) == 3
+    assert result["ray_train_steps_per_s"] == pytest.approx(np.mean(result["ray_train_steps_per_s_by_epoch"][1:]))
+    assert result["bare_steps_per_s"] == pytest.approx(np.mean(result["bare_steps_per_s_by_epoch"][1:]))
+    assert result["consistency_training_ratio"] == pytest.approx(
+        result["ray_train_steps_per_s"] / result["bare_steps_per_s"])
+
+    results = {"mode": "quick", "device": "CPU", "consistency": result}
+    results["ratios"] = ratios(results)
+    assert results["ratios"] == {"consistency_training_ratio": result["consistency_training_ratio"]}
+    assert "5. FixMatch steps, Ray Train 1 worker vs bare" in table(results)

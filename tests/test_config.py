@@ -61,7 +61,7 @@ def test_unknown_key_is_named_with_the_allowed_keys():
 
 @pytest.mark.parametrize("raw, message", [
     ({"iterations": "3"}, "iterations: Input should be a valid integer (got '3')"),
-    ({"iterations": 0}, "iterations: Input should be greater than or equal to 1 (got 0)"),
+    ({"iterations": -1}, "iterations: Input should be greater than or equal to 0 (got -1)"),
     ({"pseudo_label": {"threshold": 1.5}}, "pseudo_label.threshold: Input should be less than 1 (got 1.5)"),
     ({"pseudo_label": {"temperature": 0}}, "pseudo_label.temperature: Input should be greater than 0"),
     ({"data": {"builtin": "mnist"}}, "data.builtin: Input should be 'digits', 'cifar10', 'stl10' or 'svhn'"),

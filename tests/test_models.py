@@ -44,7 +44,7 @@ def test_student_smaller_than_teacher_is_refused():
 
 # --- small-image backbones (selftrain.models.small) ---
 
-SMALL = ["wrn_28_2", "wrn_28_8", "resnet18_cifar", "cnn_small"]
+SMALL = ["wrn_28_2", "wrn_28_8", "resnet18_cifar", "cnn_small", "cnn_tiny"]
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--full", dest="quick", action="store_false",
                        help="ResNet-50 at 224 px, pools of 100k and 1M files (the default)")
     bench.add_argument("--parts", default="",
-                       help="comma-separated subset of driver_memory,scoring,training,plumbing")
+                       help="comma-separated subset of driver_memory,scoring,training,plumbing,consistency")
     bench.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-<mode>.json)")
     bench.add_argument("--tmp-dir", default=None, help="where generated pools go (deleted afterwards)")
     bench.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")

@@ -273,7 +273,7 @@ def _student_method() -> MethodConfig:
 
 class PipelineConfig(_Strict):
     name: str = Field("selftrain", min_length=1, description="MLflow experiment name")
-    iterations: int = Field(2, ge=1, description="number of students, each the next teacher")
+    iterations: int = Field(2, ge=0, description="number of students, each the next teacher; 0 trains the teacher only")
     seed: int = 0
     output_dir: str = "runs/selftrain"
     data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))

@@ -1,21 +1,23 @@
 """`selftrain bench`: is the platform as fast as the hardware, with a flat driver memory?
 
-Three measurements on the current machine, each a ratio against a bare baseline (see the
+Four measurements on the current machine, each a ratio against a bare baseline (see the
 module of each part for exactly what each side includes):
 
 1. `scoring_ratio`: teacher scoring through the Ray Data pipeline / a bare PyTorch loop over the
    same decoded images (goal >= 0.90);
 2. `training_ratio`: student training through Ray Train (1 worker) / a bare loop over the same
    prepared rows (goal >= 0.85);
-3. `driver_rss_ratio`: peak driver RSS scoring a pool of 10 N files / of N files (goal <= 1.2).
+3. `driver_rss_ratio`: peak driver RSS scoring a pool of 10 N files / of N files (goal <= 1.2);
+5. `consistency_training_ratio`: FixMatch steps through Ray Train (1 worker, a labeled and an
+   unlabeled stream) / a bare FixMatch loop over the same rows (goal >= 0.85; `bench/consistency.py`).
 
-And one without a goal, for machines without a GPU: `plumbing_ratio`, the share of a fast
+And one without a goal (4.), for machines without a GPU: `plumbing_ratio`, the share of a fast
 device's speed (an H100's ResNet-50 rate) that the scoring pipeline keeps when only the device
 is a stand-in (`bench/plumbing.py`).
 
 `--quick` (2-core laptop, CPU, a few minutes) uses small models and pools; the full mode is
 for real hardware: ResNet-50 at 224 px with bf16 AMP and channels_last on a GPU, CPU vs GPU
-JPEG decoding, pools of 100k and 1M files.
+JPEG decoding, pools of 100k and 1M files, FixMatch on a WRN-28-2 at 32 px.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import torch
 
 from selftrain.config import ScoringConfig
 
-PARTS = ("driver_memory", "scoring", "training", "plumbing")
-GOALS = {"scoring_ratio": (">=", 0.90), "training_ratio": (">=", 0.85), "driver_rss_ratio": ("<=", 1.2)}
+PARTS = ("driver_memory", "scoring", "training", "plumbing", "consistency")
+GOALS = {"scoring_ratio": (">=", 0.90), "training_ratio": (">=", 0.85), "driver_rss_ratio": ("<=", 1.2),
+         "consistency_training_ratio": (">=", 0.85)}
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,20 @@ class BenchSizes:
     pool_image_size: int
     cpus_per_actor: float
     plumbing_images: int  # decoded 224 px images in the object store (150 KB each)
+    consistency_arch: str  # FixMatch: B labeled + mu * B unlabeled (weak and strong) per step
+    consistency_size: int
+    consistency_batch: int
+    consistency_mu: int
+    consistency_epochs: int
+    consistency_steps: int  # per epoch
+    consistency_pool: int  # unlabeled rows
+    consistency_labeled: int
 
 
-QUICK = BenchSizes("resnet18", 4096, 40, 32, 256, "resnet18", 768, 32, 3, 64, 5_000, 8, 1.0, 8192)
-FULL = BenchSizes("resnet50", 32768, 256, 224, 256, "resnet50", 12800, 224, 3, 128, 100_000, 8, 4.0, 32768)
+QUICK = BenchSizes("resnet18", 4096, 40, 32, 256, "resnet18", 768, 32, 3, 64, 5_000, 8, 1.0, 8192,
+                   "cnn_small", 16, 32, 7, 4, 20, 2_048, 256)
+FULL = BenchSizes("resnet50", 32768, 256, 224, 256, "resnet50", 12800, 224, 3, 128, 100_000, 8, 4.0, 32768,
+                  "wrn_28_2", 32, 64, 7, 4, 50, 16_384, 4_000)
 PLUMBING_SIZE = 224
 
 
@@ -114,6 +127,16 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
             say(f"plumbing: {sizes.plumbing_images:,} images at {PLUMBING_SIZE} px through the scoring pipeline "
                 "to a stand-in device")
             results["plumbing"] = run_plumbing(sizes.plumbing_images, PLUMBING_SIZE, scoring)
+        if "consistency" in parts:
+            from selftrain.bench.consistency import run_consistency
+
+            say(f"consistency: FixMatch, {sizes.consistency_arch} at {sizes.consistency_size} px, batch "
+                f"{sizes.consistency_batch} + {sizes.consistency_mu}x unlabeled, {sizes.consistency_epochs} epochs x "
+                f"{sizes.consistency_steps} steps (random pixels: empty-mask warnings are expected)")
+            results["consistency"] = run_consistency(
+                sizes.consistency_arch, sizes.consistency_labeled, sizes.consistency_pool, sizes.consistency_size,
+                sizes.consistency_epochs, sizes.consistency_steps, sizes.consistency_batch, sizes.cpus_per_actor,
+                use_gpu, mu=sizes.consistency_mu)
     results["ratios"] = ratios(results)
     return results
 
@@ -128,7 +151,7 @@ def _device(use_gpu: bool) -> str:
 def ratios(results: dict[str, Any]) -> dict[str, float]:
     found = {}
     for part, key in (("scoring", "scoring_ratio"), ("training", "training_ratio"),
-                      ("driver_memory", "driver_rss_ratio")):
+                      ("driver_memory", "driver_rss_ratio"), ("consistency", "consistency_training_ratio")):
         if part in results:
             found[key] = results[part][key]
     return found
@@ -137,7 +160,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 def table(results: dict[str, Any]) -> str:
     """The printed summary: one line per measurement, ratio and goal."""
     lines = [f"selftrain bench ({results['mode']}) on {results['device']}",
-             f"{'measurement':<44}{'pipeline':>14}{'bare':>14}{'ratio':>9}  goal"]
+             f"{'measurement':<46}{'pipeline':>14}{'bare':>14}{'ratio':>9}  goal"]
 
     def row(name: str, pipeline: float, bare: float | None, key: str | None, unit: str = "img/s",
             ratio: float | None = None) -> None:
@@ -146,7 +169,7 @@ def table(results: dict[str, Any]) -> str:
         met = "" if ratio is None or key is None else ("  met" if _met(key, ratio) else "  NOT met")
         bare_text = f"{bare:>10,.1f} {unit}" if bare is not None else " " * 14
         ratio_text = f"{ratio:>9.3f}" if ratio is not None else " " * 9
-        lines.append(f"{name:<44}{pipeline:>10,.1f} {unit}{bare_text}{ratio_text}  {goal}{met}")
+        lines.append(f"{name:<46}{pipeline:>10,.1f} {unit}{bare_text}{ratio_text}  {goal}{met}")
 
     if "scoring" in results:
         s = results["scoring"]
@@ -175,6 +198,10 @@ def table(results: dict[str, Any]) -> str:
         for calls, measured in p["by_concurrent_batches"].items():
             row(f"   scoring.concurrent_batches={calls}", measured["pipeline_images_per_s"],
                 p["device_images_per_s"], None, ratio=measured["plumbing_ratio"])
+    if "consistency" in results:
+        c = results["consistency"]
+        row("5. FixMatch steps, Ray Train 1 worker vs bare", c["ray_train_steps_per_s"], c["bare_steps_per_s"],
+            "consistency_training_ratio", unit="step/s")
     return "\n".join(lines)
 
 

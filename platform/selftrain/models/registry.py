@@ -70,6 +70,7 @@ SMALL_MODELS: dict[str, Callable[[int, float, float], nn.Module]] = {
     "wrn_28_8": partial(small.wide_resnet_28, 8),
     "resnet18_cifar": _resnet18_cifar,
     "cnn_small": small.cnn_small,  # ignores stochastic_depth: it has no residual blocks
+    "cnn_tiny": small.cnn_tiny,  # the same at half the width
 }
 
 

@@ -46,14 +46,15 @@ def test_the_teacher_trains_by_fixmatch_and_mlflow_shows_its_unlabeled_metrics(f
     assert len(runs) == 3 and len(children) == 2 and all(r.info.status == "FINISHED" for r in runs)
     teacher = children[0]
     params = teacher.data.params
-    assert params["method"] == "fixmatch" and params["method.threshold"] == "0.95"
+    assert params["method"] == "fixmatch" and params["method.threshold"] == "0.8"
     assert params["mu"] == "4" and params["pool_rows"] == "1297"
     for key in ("train/loss", "sup/loss", "unsup/loss", "unsup/mask_rate", "unsup/threshold", "train/steps"):
         assert len(client.get_metric_history(teacher.info.run_id, key)) == 3, key  # one per epoch
     steps = {m.value for m in client.get_metric_history(teacher.info.run_id, "train/steps")}
     assert steps == {5.0}  # train.steps_per_epoch
     assert {m.value for m in client.get_metric_history(teacher.info.run_id, "unsup/threshold")} == {
-        pytest.approx(0.95)}
+        pytest.approx(0.8)}
+    assert params["method.lambda_u"] == "1.0" and params["method.ema_decay"] == "0.999"  # paper defaults
     # The loss is the supervised part plus λu (1) times the unlabeled part, epoch by epoch.
     for total, sup, unsup in zip(*(client.get_metric_history(teacher.info.run_id, k)
                                    for k in ("train/loss", "sup/loss", "unsup/loss"))):

@@ -86,8 +86,16 @@ def test_ema_follows_the_weights_at_its_decay_and_is_what_gets_evaluated():
     with torch.no_grad():
         model.weight.fill_(3.0)
     method.after_step(model)
-    assert method.eval_model(model).weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+    d = min(0.9, (1 + 1) / (10 + 1))  # the warmed-up decay after one update: 2/11
+    assert method.eval_model(model).weight.item() == pytest.approx(d * 1.0 + (1 - d) * 3.0)
+    for _ in range(200):  # past the warm-up: the configured decay
+        method.after_step(model)
+    before = method.eval_model(model).weight.item()
+    with torch.no_grad():
+        model.weight.fill_(13.0)
+    method.after_step(model)
+    assert method.eval_model(model).weight.item() == pytest.approx(0.9 * before + 0.1 * 13.0)
     restored = FixMatch(2, {"ema_decay": 0.9}, total_steps=10, pool_size=4)
     restored.setup(torch.nn.Linear(1, 1, bias=False))
     restored.load_state_dict(method.state_dict())
-    assert restored.eval_model(model).weight.item() == pytest.approx(1.2)
+    assert restored.eval_model(model).weight.item() == pytest.approx(0.9 * before + 0.1 * 13.0)

@@ -176,8 +176,9 @@ def test_mean_teacher_teacher_is_the_predictable_ema():
     method.after_step(student)  # the first update copies the student
     with torch.no_grad():
         student.weight.copy_(torch.tensor(W_TEACHER))
-    method.after_step(student)  # 0.5 * old + 0.5 * new
-    expected = [[(a + b) / 2 for a, b in zip(r, s)] for r, s in zip(W_STUDENT, W_TEACHER)]
+    method.after_step(student)  # d * old + (1 - d) * new, d = min(0.5, 2/11): the warmed-up decay
+    d = min(0.5, 2 / 11)
+    expected = [[d * a + (1 - d) * b for a, b in zip(r, s)] for r, s in zip(W_STUDENT, W_TEACHER)]
     assert torch.allclose(method.ema.module.weight, torch.tensor(expected))
 
     # ... and that EMA is what the consistency target is computed from.

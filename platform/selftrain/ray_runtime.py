@@ -11,7 +11,13 @@ from selftrain.errors import ClusterError
 
 # Ray Train V2 releases `ray.train.report` on the controller's poll, every 2 s by default:
 # 2 s per epoch, which dwarfs the short epochs of small runs. A local run polls faster.
-LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+#
+# Ray keeps only `num_cpus` idle workers and kills the rest after 1 s; each pass over a training
+# stream (every few dozen steps on a small pool) then starts fresh workers that import torch
+# again (28 worker starts in 3 minutes of a FixMatch run on 2 cores). A local run keeps a few
+# more warm for longer.
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_num_workers_soft_limit": "8",
+             "RAY_idle_worker_killing_time_threshold_ms": "60000"}
 # What every node must import to run a pipeline stage.
 REQUIRED_MODULES = ("selftrain", "torch", "torchvision", "mlflow")
 _PROBE_TIMEOUT_S = 5.0

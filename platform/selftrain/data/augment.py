@@ -33,18 +33,24 @@ def train_transform(image_size: int, noise: NoiseConfig, randaugment: bool) -> v
     return v2.Compose(ops)
 
 
-def strong_transform(image_size: int, noise: NoiseConfig) -> v2.Compose:
-    """FixMatch's strong view (Sohn et al. 2020, Sec. 2.3): the weak view's flip-and-shift, then
-    RandAugment and Cutout, a gray square of up to half the image side (RandomErasing with a
-    square aspect: area 1/64 to 1/4 of the image)."""
-    ops = list(train_transform(image_size, noise, randaugment=True).transforms)
+def strong_transform(noise: NoiseConfig) -> v2.Compose:
+    """What FixMatch's strong view adds to the weak one (Sohn et al. 2020, Sec. 2.3): RandAugment,
+    then Cutout, a gray square of up to half the image side (RandomErasing with a square aspect:
+    area 1/64 to 1/4 of the image). Applied to the weak view, so both views share one flip and
+    shift (a flip-and-shift of its own costs as much as Cutout and adds nothing the strong ops
+    do not)."""
+    ops: list[v2.Transform] = []
+    if noise.randaugment_num_ops > 0:
+        ops.append(v2.RandAugment(num_ops=noise.randaugment_num_ops, magnitude=noise.randaugment_magnitude))
     ops.append(v2.RandomErasing(p=1.0, scale=(1 / 64, 1 / 4), ratio=(1.0, 1.0), value=127))
     return v2.Compose(ops)
 
 
-def augment_images(images: np.ndarray, transform: v2.Transform) -> np.ndarray:
-    """uint8 NHWC -> augmented uint8 NCHW; each image gets its own random ops."""
-    chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+def augment_images(images: np.ndarray, transform: v2.Transform, channels_first: bool = False) -> np.ndarray:
+    """uint8 NHWC (or NCHW with `channels_first`) -> augmented uint8 NCHW; each image gets its
+    own random ops."""
+    chw = torch.from_numpy(np.ascontiguousarray(images))
+    chw = chw if channels_first else chw.permute(0, 3, 1, 2)
     return torch.stack([transform(image) for image in chw]).numpy()
 
 

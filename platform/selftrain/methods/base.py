@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Method:
         decay = self.knobs.get("ema_decay", self.defaults.get("ema_decay", 0.0))
         if decay:
             # BatchNorm statistics are averaged too (use_buffers), as the FixMatch/USB EMA does.
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            self.ema = AveragedModel(model, avg_fn=ema_with_warmup(decay), use_buffers=True)
             self.ema.eval()
 
     def loss(self, model: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -148,6 +148,19 @@ class Method:
         n, m = len(batch.labeled), len(batch.weak)
         logits = model(torch.cat([batch.labeled, batch.weak, batch.strong]))
         return logits[:n], logits[n:n + m], logits[n + m:]
+
+
+def ema_with_warmup(decay: float):
+    """EMA update with the decay warmed up as min(decay, (1 + n) / (10 + n)) after n updates
+    (TensorFlow's ExponentialMovingAverage with `num_updates`). FixMatch's 0.999 assumes 2^20
+    steps; over a budget of 1,000 steps a plain 0.999 would still hold 37% of the first step's
+    near-random weights, while the warm-up lets the average follow the early, fast-changing
+    weights and reach the full decay after about 9,000 updates."""
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = num_averaged.to(averaged.device, torch.float64) if torch.is_tensor(num_averaged) else float(num_averaged)
+        d = torch.clamp((1 + torch.as_tensor(n)) / (10 + torch.as_tensor(n)), max=decay).item()
+        return averaged * d + current * (1 - d)
+    return average
 
 
 def pseudo_label_metrics(mask: torch.Tensor, pseudo: torch.Tensor, truth: torch.Tensor | None,

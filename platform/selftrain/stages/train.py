@@ -62,13 +62,13 @@ def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column:
     """`{path, index, label}` of pool images -> a weak and a strong view of each (uint8 NCHW)."""
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
     ok = loaded["error"] == ""  # a file that vanished or fails to decode since indexing is skipped
-    images = loaded["image"][ok]
-    return {"weak": augment_images(images, train_transform(size, noise, randaugment=False)),
-            "strong": augment_images(images, strong_transform(size, noise)),
+    weak = augment_images(loaded["image"][ok], train_transform(size, noise, randaugment=False))
+    return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True),
             "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
 
 
 PASS_BATCHES = 64  # a small stream is repeated until one pass holds this many batches
+VIEW_BATCH = 256  # pool images per view-making task: per-task overhead stays small beside the work
 
 
 def _repeats(rows: int, batch_rows: int) -> int:
@@ -96,7 +96,7 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     index = _repeated(ray.data.read_parquet(pool_index["dir"], num_cpus=cpus), repeats)
     return index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
                                                 "parquet_column": cfg.data.parquet_image_column},
-                             batch_size=64, num_cpus=cpus)
+                             batch_size=VIEW_BATCH, num_cpus=cpus)
 
 
 def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.DataFrame, num_classes: int,

@@ -1,0 +1,61 @@
+"""The training loop's own pieces, without a cluster: step counts, the size-keeping shuffle, the
+empty-mask / collapse watch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selftrain.errors import TrainingError
+from selftrain.training.loop import MIX_WINDOW, _mixed, _watch, steps_per_epoch
+
+
+def test_steps_per_epoch_are_one_pass_over_the_stream_that_sets_the_pace():
+    offline = {"rows": 1000, "batch_size": 64}
+    assert steps_per_epoch(offline, world=1) == 15  # 15 full batches; the 40-row tail is dropped
+    assert steps_per_epoch(offline, world=2) == 7
+    assert steps_per_epoch({"rows": 50, "batch_size": 64}, world=1) == 1  # one short batch, kept
+    online = {"online": True, "pool_rows": 10_000, "mu": 7, "batch_size": 32, "rows": 50}
+    assert steps_per_epoch(online, world=1) == 10_000 // 224
+    assert steps_per_epoch(online, world=2) == 10_000 // 448
+    assert steps_per_epoch({**online, "steps_per_epoch": 5}, world=2) == 5  # the config wins
+
+
+def test_mixed_keeps_every_batch_size_and_every_row_and_pairs_columns():
+    sizes = [4, 4, 4, 4, 4, 4, 4, 4, 4, 3]  # a window of MIX_WINDOW and a short tail window
+    assert MIX_WINDOW == 8
+    start, batches = 0, []
+    for size in sizes:
+        rows = torch.arange(start, start + size)
+        batches.append({"weak": rows, "index": rows * 10})
+        start += size
+    out = list(_mixed(iter(batches), torch.Generator().manual_seed(0)))
+    assert [len(b["weak"]) for b in out] == sizes
+    assert sorted(torch.cat([b["weak"] for b in out]).tolist()) == list(range(start))
+    assert all(torch.equal(b["index"], b["weak"] * 10) for b in out)  # columns stay aligned
+    first_window = torch.cat([b["weak"] for b in out[:8]])
+    assert not torch.equal(first_window, torch.arange(32))  # rows did move across batches
+    assert set(first_window.tolist()) == set(range(32))  # but only within their window
+
+
+def test_an_empty_mask_is_warned_about_then_stops_the_run():
+    config = {"online": True, "max_empty_epochs": 2, "collapse_fraction": 0.9, "num_classes": 10,
+              "method": "fixmatch"}
+    streak: dict[str, int] = {}
+    empty = {"unsup/mask_rate": 0.0, "unsup/threshold": 0.95}
+    with pytest.warns(UserWarning, match="no unlabeled image passed the mask in epoch 1"):
+        _watch(empty, config, streak, epoch=1)
+    _watch({"unsup/mask_rate": 0.3, "unsup/top_class_fraction": 0.2}, config, streak, epoch=2)  # resets
+    with pytest.warns(UserWarning):
+        _watch(empty, config, streak, epoch=3)
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match="fixmatch stopped: no unlabeled image "
+                                                                        "passed the mask in epoch 4"):
+        _watch(empty, config, streak, epoch=4)
+
+
+def test_pseudo_labels_collapsing_onto_one_class_stop_the_run():
+    config = {"online": True, "max_empty_epochs": 1, "collapse_fraction": 0.9, "num_classes": 10,
+              "method": "uda"}
+    _watch({"unsup/mask_rate": 0.5, "unsup/top_class_fraction": 0.85}, config, {}, epoch=1)  # below the limit
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match="97% of epoch 2's pseudo-labels are one class"):
+        _watch({"unsup/mask_rate": 0.5, "unsup/top_class_fraction": 0.97}, config, {}, epoch=2)

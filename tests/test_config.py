@@ -122,8 +122,10 @@ def test_scoring_knobs_are_checked(raw, message):
 def test_every_pipeline_names_models_and_methods_that_exist(path: Path):
     from selftrain.methods import METHODS
     from selftrain.models.registry import available_models, check_student_sizes
+    from selftrain.self_training import check_method_knobs
 
-    cfg = load_sweep(path)[0] if "\nsweep:" in path.read_text() else load_config(path)
+    cfg, sweep = load_sweep(path) if "\nsweep:" in path.read_text() else (load_config(path), None)
+    check_method_knobs(cfg, list(sweep.space) if sweep else [])
     assert {cfg.model.teacher, *cfg.model.students} <= set(available_models())
     assert {cfg.teacher.method, cfg.students.method} <= set(METHODS)
     check_student_sizes(cfg.model.teacher, cfg.model.students, 10)
@@ -147,3 +149,14 @@ def test_warm_started_students_need_their_teachers_architecture():
                                           r"architecture, but student 1 is wrn_28_8 and its teacher wrn_28_2"):
         build_config({"train": {"student_init": "teacher"},
                       "model": {"teacher": "wrn_28_2", "students": ["wrn_28_8"]}})
+
+
+def test_a_knob_the_method_never_reads_is_refused_before_any_compute():
+    from selftrain.self_training import check_method_knobs
+
+    with pytest.raises(ConfigError, match=r"teacher.threshold: method 'freematch' does not read this knob; "
+                                          r"it reads: ema_decay, fairness_weight, lambda_u, mu, stats_momentum"):
+        check_method_knobs(build_config({"teacher": {"method": "freematch", "threshold": 0.9}}))
+    with pytest.raises(ConfigError, match=r"students.temperature: method 'fixmatch' does not read"):
+        check_method_knobs(build_config({"students": {"method": "fixmatch"}}), ["students.temperature"])
+    check_method_knobs(build_config({"students": {"method": "uda"}}), ["students.temperature", "students.tsa"])

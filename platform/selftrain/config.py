@@ -235,8 +235,8 @@ class MethodConfig(_Strict):
     n_sigma: float | None = Field(None, gt=0.0, description="softmatch: width of the Gaussian weight (2.0)")
     fairness_weight: float | None = Field(None, ge=0.0, description="freematch: weight of the "
                                           "self-adaptive fairness term (0.01)")
-    distribution_alignment: bool | None = Field(None, description="softmatch (true), others (false): "
-                                                "ReMixMatch's p <- normalise(p * p_target / p_model)")
+    distribution_alignment: bool | None = Field(None, description="softmatch: uniform distribution "
+                                                "alignment, p <- normalise(p * p_target / p_model) (true)")
     dash_gamma: float | None = Field(None, gt=1.0, description="dash: ρ_t = max(C·γ^(-t)·ρ_0, ρ_min) (1.27)")
     dash_c: float | None = Field(None, gt=0.0, description="dash: C (1.0001)")
     dash_rho_min: float | None = Field(None, ge=0.0, description="dash: ρ_min (0.05)")

@@ -29,7 +29,7 @@ from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError
 from selftrain.ledger import Ledger
-from selftrain.methods import METHODS
+from selftrain.methods import METHODS, check_knobs
 from selftrain.models.registry import check_student_sizes
 from selftrain.stages.evaluate import evaluate
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, stats_record
@@ -56,6 +56,7 @@ class Run:
 
 
 def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    check_method_knobs(cfg)
     out = Path(cfg.output_dir).expanduser().resolve()
     ledger = Ledger(out, cfg)
     tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"})
@@ -164,10 +165,21 @@ def pool_index_stage(run: Run) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
         run.say(f"indexing the unlabeled pool {run.paths.unlabeled} for online training")
         classes = run.sets.classes if run.paths.pool_has_class_folders else None
-        return index_pool(run.paths.unlabeled, run.cfg.data.parquet_image_column, classes,
-                          fresh_dir(run.out / "pool_index"))
+        record = index_pool(run.paths.unlabeled, run.cfg.data.parquet_image_column, classes,
+                            run.cfg.data.image_size, fresh_dir(run.out / "pool_index"), run.cfg.seed)
+        run.say(f"{record['rows']} pool images indexed, {record['rejected_count']} unreadable")
+        return record
 
     return run.ledger.stage("pool_index", compute)
+
+
+def check_method_knobs(cfg: PipelineConfig, swept: list[str] = ()) -> None:
+    """Before any compute: every knob set (or swept) for a role is one its method reads."""
+    for role in ("teacher", "students"):
+        method = getattr(cfg, role)
+        if f"{role}.method" not in swept:
+            knobs = [*method.knobs(), *(k.split(".", 1)[1] for k in swept if k.startswith(f"{role}."))]
+            check_knobs(role, method.method, knobs)
 
 
 def method_params(method: Any) -> dict[str, Any]:
@@ -242,8 +254,8 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
 def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
     rejected = {r["path"]: r["reason"] for r in run.sets.rejected.to_dict("records")}
     pool_rejected = 0  # every pass scores the same pool; the lists name the first 1,000 only
-    for iteration in range(1, run.cfg.iterations + 1):
-        record = run.ledger.get(f"iter{iteration}/pseudo_labels")
+    records = [run.ledger.get(f"iter{i}/pseudo_labels") for i in range(1, run.cfg.iterations + 1)]
+    for record in [*records, *([run.ledger.get("pool_index")] if run.ledger.get("pool_index") else [])]:
         pool_rejected = max(pool_rejected, record.get("rejected_count", len(record["rejected"])))
         for r in record["rejected"]:
             rejected[r["path"]] = r["reason"]

@@ -34,7 +34,8 @@ from selftrain.config import PipelineConfig, SweepConfig, with_params
 from selftrain.data.folders import load_labeled_sets
 from selftrain.errors import ConfigError, SweepError
 from selftrain.ledger import Ledger
-from selftrain.self_training import Run, data_paths, open_tracking, pool_index_stage, score_stage, train_stage
+from selftrain.self_training import (Run, check_method_knobs, data_paths, open_tracking, pool_index_stage,
+                                     score_stage, train_stage)
 from selftrain.stages.evaluate import evaluate
 from selftrain.sweep_results import OBJECTIVE, collect_trials, split_validation
 from selftrain.trial import Shared, run_trial
@@ -55,6 +56,10 @@ def changes_teacher(key: str) -> bool:
 def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False,
               say: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.monotonic()
+    if cfg.iterations < 1:
+        raise ConfigError("iterations: a sweep trains at least one student per trial (got 0); "
+                          "its objective is the students' validation accuracy")
+    check_method_knobs(cfg, list(sweep.space))
     out = Path(cfg.output_dir).expanduser().resolve()
     _check_resume(out, resume)
     pipeline = cfg.model_dump()

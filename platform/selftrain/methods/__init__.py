@@ -1,6 +1,7 @@
 """The training objectives, by the name a pipeline YAML gives them (`teacher.method`,
 `students.method`). Each is one file; none imports Ray or MLflow (see `base.py`)."""
 
+from selftrain.errors import ConfigError
 from selftrain.methods.base import Batch, Comm, Method
 from selftrain.methods.dash import Dash
 from selftrain.methods.entropy_min import EntropyMin
@@ -33,4 +34,17 @@ METHODS: dict[str, type[Method]] = {
     "entropy_min": EntropyMin,
 }
 
-__all__ = ["METHODS", "Batch", "Comm", "Method"]
+
+
+def check_knobs(role: str, method: str, knobs: list[str]) -> None:
+    """Refuse a knob that `method` never reads (a sweep over it would train identical trials).
+    `mu` is the config's for every method; `ema_decay` is read by the base class for all."""
+    reads = set(METHODS[method].defaults) | {"ema_decay", "mu"}
+    unread = sorted(set(knobs) - reads)
+    if unread:
+        raise ConfigError(f"{', '.join(f'{role}.{k}' for k in unread)}: method {method!r} does not read "
+                          f"{'this knob' if len(unread) == 1 else 'these knobs'}; it reads: "
+                          f"{', '.join(sorted(reads))}")
+
+
+__all__ = ["METHODS", "Batch", "Comm", "Method", "check_knobs"]

@@ -113,7 +113,7 @@ class Method:
         decay = self.knobs.get("ema_decay", self.defaults.get("ema_decay", 0.0))
         if decay:
             # BatchNorm statistics are averaged too (use_buffers), as the FixMatch/USB EMA does.
-            self.ema = AveragedModel(model, avg_fn=ema_with_warmup(decay), use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(decay), use_buffers=True)
             self.ema.eval()
 
     def loss(self, model: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -155,11 +155,17 @@ def ema_with_warmup(decay: float):
     (TensorFlow's ExponentialMovingAverage with `num_updates`). FixMatch's 0.999 assumes 2^20
     steps; over a budget of 1,000 steps a plain 0.999 would still hold 37% of the first step's
     near-random weights, while the warm-up lets the average follow the early, fast-changing
-    weights and reach the full decay after about 9,000 updates."""
-    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        n = num_averaged.to(averaged.device, torch.float64) if torch.is_tensor(num_averaged) else float(num_averaged)
-        d = torch.clamp((1 + torch.as_tensor(n)) / (10 + torch.as_tensor(n)), max=decay).item()
-        return averaged * d + current * (1 - d)
+    weights and reach the full decay after about 9,000 updates. A `multi_avg_fn`: one decay per
+    group of tensors, applied with torch's foreach lerp as `get_ema_multi_avg_fn` does."""
+    @torch.no_grad()
+    def average(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers (BatchNorm's num_batches_tracked): foreach lerp takes floats only
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(a * d + c * (1 - d))
     return average
 
 

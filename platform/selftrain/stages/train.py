@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray.data
+from ray.data.expressions import col
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -93,7 +94,8 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     training loop mixes rows across windows of batches, and a pool of millions stays streamed)."""
     cpus = cfg.train.data_cpus_per_task
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
-    index = _repeated(ray.data.read_parquet(pool_index["dir"], num_cpus=cpus), repeats)
+    readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
+    index = _repeated(readable.select_columns(["path", "label", "index"]), repeats)
     return index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
                                                 "parquet_column": cfg.data.parquet_image_column},
                              batch_size=VIEW_BATCH, num_cpus=cpus)

@@ -78,7 +78,7 @@ def test_a_sweep_file_is_not_a_pipeline():
 
 
 def test_trial_params_are_applied_and_validated():
-    cfg = load_config(REPO / "pipelines" / "quickstart.yaml")
+    cfg = load_config(REPO / "pipelines" / "smoke.yaml")
     trial = with_params(cfg, {"pseudo_label.threshold": 0.7, "model.students": ["resnet34"]})
     assert (trial.pseudo_label.threshold, trial.model.students, trial.iterations) == (0.7, ["resnet34"], cfg.iterations)
     with pytest.raises(ConfigError, match="pseudo_label.temperature"):

@@ -52,14 +52,21 @@ def collect_trials(results: Any, sweep: SweepConfig, cfg: PipelineConfig, out: P
         trial_id = Path(result.path).name
         params = {key: result.config.get(key) for key in sweep.space}
         metrics = result.metrics or {}
+        record = read_trial_record(out, trial_id)
+        planned = _trial_epochs(cfg, params)
+        # Tune counts the reports of the trial's last run only: a trial restored after its
+        # last epoch (the driver died between that epoch's checkpoint and Tune's own state)
+        # reports once more and counts 1. Its final model, written at the last epoch of its
+        # last iteration, says it trained to the end.
         epochs = int(metrics.get("training_iteration", 0))
+        if result.error is None and epochs < planned and record.get("epochs") == planned and _final_model(record):
+            epochs = planned
         if result.error is not None:
             status = "failed"
-        elif epochs < _trial_epochs(cfg, params):
+        elif epochs < planned:
             status = "stopped_early"
         else:
             status = "completed"
-        record = read_trial_record(out, trial_id)
         runs = [r for r in tracker.runs(parent_id) if r.data.tags.get(TRIAL_TAG) == trial_id]
         run_id = runs[0].info.run_id if runs else None
         if run_id:

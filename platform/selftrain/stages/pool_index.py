@@ -49,6 +49,14 @@ class _Numberer:
         return {**batch, "index": index}
 
 
+def _block_stats(batch: dict[str, Any]) -> dict[str, Any]:
+    index = np.asarray(batch["index"])
+    index = index[index >= 0]
+    big = np.iinfo(np.int64).max
+    return {"count": [len(index)], "min": [int(index.min()) if len(index) else big],
+            "max": [int(index.max()) if len(index) else -1], "sum": [int(index.sum())]}
+
+
 def index_pool(spec: str, image_column: str, classes: list[str] | None, image_size: int, out_dir: Path,
                seed: int) -> dict[str, Any]:
     """Write the pool's index under `out_dir/index/`; returns `{dir, rows, rejected, rejected_count}`."""
@@ -61,14 +69,16 @@ def index_pool(spec: str, image_column: str, classes: list[str] | None, image_si
     if not directory.exists():
         raise DataError(f"data.unlabeled: the pool {spec} yielded no rows")
     written = ray.data.read_parquet(str(directory))
-    good = written.filter(expr=col("index") >= 0)
-    rows = good.count()
+    # One pass, one row of numbers per block (Ray's aggregate() shuffles: 18 s for 10 rows here).
+    blocks = written.map_batches(_block_stats, batch_size=None, num_cpus=LIST_CPUS).take_all()
+    rows = sum(b["count"] for b in blocks)
     if rows == 0:
         raise DataError(f"data.unlabeled: no readable image in the pool {spec}")
-    if (good.min("index"), good.max("index"), good.sum("index")) != (0, rows - 1, rows * (rows - 1) // 2):
+    numbers = (min(b["min"] for b in blocks), max(b["max"] for b in blocks), sum(b["sum"] for b in blocks))
+    if numbers != (0, rows - 1, rows * (rows - 1) // 2):
         raise DataError(f"the pool index under {directory} is not numbered 0..{rows - 1} once each "
                         "(a numbering actor restarted?); delete it and run again")
-    bad = written.filter(expr=col("index") < 0)
-    rejected = bad.select_columns(["path", "error"]).take(REJECTED_NAMED)
+    bad = written.filter(expr=col("index") < 0).select_columns(["path", "error"]).materialize()  # few, by premise
+    rejected = bad.take(REJECTED_NAMED)
     return {"dir": str(directory), "rows": rows, "rejected_count": bad.count(),
             "rejected": [{"path": r["path"], "reason": r["error"]} for r in rejected]}

@@ -46,6 +46,7 @@ from selftrain.models.registry import build_model
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model.json"
 STATE_FILE = "train_state.pt"
+LIVE_MODEL_FILE = "live_model.pt"  # the weights being trained (model.pt: the ones to evaluate)
 HISTORY_FILE = "history.json"
 MIX_WINDOW = 8  # batches whose rows `_mixed` shuffles together
 
@@ -236,8 +237,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-            model.load_state_dict(torch.load(Path(directory) / "live_model.pt", map_location="cpu", weights_only=True))
-            method.load_state_dict(state["method"])
+            # A checkpoint written before method state existed holds only `model.pt` (live weights).
+            live = Path(directory) / LIVE_MODEL_FILE
+            model.load_state_dict(torch.load(live if live.exists() else Path(directory) / MODEL_FILE,
+                                             map_location="cpu", weights_only=True))
+            method.load_state_dict(state.get("method", {}))
     # The optimizer is built after the model reaches its device, so restored momentum buffers
     # land there too (load_state_dict casts state to the parameters' device).
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
@@ -332,7 +336,7 @@ def _report(metrics, rank, model, method, optimizer, scheduler, epoch, history, 
         if rank == 0 and save:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "method": method.state_dict(), "epoch": epoch, "history": history}, Path(tmp) / STATE_FILE)
-            torch.save(model.state_dict(), Path(tmp) / "live_model.pt")
+            torch.save(model.state_dict(), Path(tmp) / LIVE_MODEL_FILE)
             save_model(Path(tmp), method.eval_model(model), spec)
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -90,8 +90,9 @@ def _repeated(rows: ray.data.Dataset, repeats: int) -> ray.data.Dataset:
 
 
 def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[str, Any]) -> ray.data.Dataset:
-    """The pool's weak and strong views, in the order of the index (no all-to-all shuffle: the
-    training loop mixes rows across windows of batches, and a pool of millions stays streamed)."""
+    """The pool's weak and strong views, in the order of the index, which was shuffled once when
+    it was written (no all-to-all shuffle per pass: a pool of millions stays streamed, and the
+    training loop mixes rows across windows of batches)."""
     cpus = cfg.train.data_cpus_per_task
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)

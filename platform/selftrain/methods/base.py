@@ -136,12 +136,6 @@ class Method:
             self.ema.load_state_dict(state["ema"])
 
     # -- shared pieces -----------------------------------------------------------------------
-    def supervised_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Cross-entropy of the labeled stream against its (one-hot or soft) targets."""
-        logits = model(batch.labeled)
-        loss = F.cross_entropy(logits, batch.targets)
-        return loss, logits, {"accuracy": (logits.argmax(1) == batch.targets.argmax(1)).float().mean()}
-
     def forward_all(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits of labeled, weak and strong images in one forward pass (one set of BatchNorm
         statistics over all three, as FixMatch's reference implementation does)."""

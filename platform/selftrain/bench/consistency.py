@@ -29,24 +29,19 @@ still warn each epoch); the compute of a step does not depend on how many images
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray.data
 import torch
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
-from selftrain.bench.training import BLOCK_ROWS, materialised, prepared_rows, targets_of
+from selftrain.bench.training import BLOCK_ROWS, materialised, prepared_rows, targets_of, worker_history
 from selftrain.data.augment import to_model_input
 from selftrain.methods import METHODS, Batch
 from selftrain.models.registry import build_model
 from selftrain.stages.train import _repeated, _repeats
-from selftrain.training.loop import HISTORY_FILE, cosine_with_warmup, train_loop_per_worker
+from selftrain.training.loop import cosine_with_warmup
 
 METHOD = "fixmatch"
 
@@ -147,24 +142,6 @@ def _bare_epochs(config: dict[str, Any], images: np.ndarray, targets: np.ndarray
     return rates, steps
 
 
-def ray_train(config: dict[str, Any], labeled: ray.data.Dataset, unlabeled: ray.data.Dataset, use_gpu: bool,
-              cpus: float) -> list[dict[str, Any]]:
-    """The worker's history (one dict per epoch, as `history.json` in its final checkpoint)."""
-    with tempfile.TemporaryDirectory() as storage:
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
-            run_config=RunConfig(name="bench-consistency", storage_path=storage,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=1),
-                                 failure_config=FailureConfig(max_failures=0)),
-            datasets={"train": labeled, "unlabeled": unlabeled},
-            dataset_config=DataConfig(datasets_to_split=["unlabeled"]),
-        )
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as checkpoint:
-            return json.loads((Path(checkpoint) / HISTORY_FILE).read_text())
-
-
 def run_consistency(arch: str, labeled_rows: int, pool_size: int, size: int, epochs: int, steps_per_epoch: int,
                     batch_size: int, cpus: float, use_gpu: bool, mu: int = 7,
                     num_classes: int = 10) -> dict[str, Any]:
@@ -176,7 +153,8 @@ def run_consistency(arch: str, labeled_rows: int, pool_size: int, size: int, epo
     unlabeled = _repeated(materialised_pool(pool_size, size, num_classes), _repeats(pool_size, mu * batch_size))
     config = loop_config(arch, labeled_rows * labeled_repeats, pool_size, size, num_classes, epochs,
                          steps_per_epoch, batch_size, mu, threads=max(int(cpus), 1))
-    history = ray_train(config, labeled, unlabeled, use_gpu, cpus)
+    history = worker_history(config, {"train": labeled, "unlabeled": unlabeled}, use_gpu, cpus,
+                             split=("unlabeled",))
     ray_rates = [epoch["train/steps"] / epoch["train/epoch_seconds"] for epoch in history]
     bare_rates, bare_steps = bare_loop(config, images, targets, pool_views(np.arange(pool_size), size, num_classes),
                                        use_gpu)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import ray.data
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from selftrain.data.augment import to_model_input
@@ -107,8 +107,10 @@ def bare_loop(config: dict[str, Any], images: np.ndarray, targets: np.ndarray, u
     return rates
 
 
-def ray_train(config: dict[str, Any], rows: ray.data.Dataset, use_gpu: bool, cpus: float) -> list[float]:
-    """images/s per epoch as the Ray Train worker measured them (`train/images_per_s`)."""
+def worker_history(config: dict[str, Any], datasets: dict[str, ray.data.Dataset], use_gpu: bool, cpus: float,
+                   split: tuple[str, ...] = ("train",)) -> list[dict[str, Any]]:
+    """`train_loop_per_worker` in Ray Train (1 worker) over `datasets`; the worker's history
+    (one dict per epoch, as `history.json` in its final checkpoint)."""
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config,
@@ -116,12 +118,16 @@ def ray_train(config: dict[str, Any], rows: ray.data.Dataset, use_gpu: bool, cpu
             run_config=RunConfig(name="bench-train", storage_path=storage,
                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
                                  failure_config=FailureConfig(max_failures=0)),
-            datasets={"train": rows},
+            datasets=datasets, dataset_config=DataConfig(datasets_to_split=list(split)),
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as checkpoint:
-            history = json.loads((Path(checkpoint) / HISTORY_FILE).read_text())
-    return [epoch["train/images_per_s"] for epoch in history]
+            return json.loads((Path(checkpoint) / HISTORY_FILE).read_text())
+
+
+def ray_train(config: dict[str, Any], rows: ray.data.Dataset, use_gpu: bool, cpus: float) -> list[float]:
+    """images/s per epoch as the Ray Train worker measured them (`train/images_per_s`)."""
+    return [epoch["train/images_per_s"] for epoch in worker_history(config, {"train": rows}, use_gpu, cpus)]
 
 
 def run_training(arch: str, count: int, size: int, epochs: int, batch_size: int, cpus: float,

@@ -101,7 +101,8 @@ def test_asha_horizon_is_the_longest_trial(tmp_path):
 
 def test_resuming_with_a_changed_search_space_is_refused_naming_the_change(tmp_path):
     cfg, sweep = _sweep(tmp_path, "pseudo_label.threshold: {grid: [0.3, 0.8]}")
-    Ledger(tmp_path / "out", {"pipeline": cfg.model_dump(), "sweep": sweep.model_dump()}, kind="sweep")
+    Ledger(tmp_path / "out", {"pipeline": cfg.model_dump(), "sweep": sweep.model_dump()}, kind="sweep").put(
+        "mlflow_run_id", "r1")  # the first record writes the ledger
     _, changed = _sweep(tmp_path, "pseudo_label.threshold: {grid: [0.3, 0.9]}")
     with pytest.raises(ConfigError) as info:
         Ledger(tmp_path / "out", {"pipeline": cfg.model_dump(), "sweep": changed.model_dump()}, kind="sweep")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.errors import SelftrainError
+from selftrain.fsio import OutputLock
 
 
 def _progress() -> Callable[[str], None]:
@@ -29,11 +30,12 @@ def _run(args: argparse.Namespace) -> int:
     from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
-    check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
-    init_ray(args.num_cpus)
-    from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
+    with OutputLock(cfg.output_dir, "run"):  # a busy output_dir is refused before Ray starts
+        check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
+        init_ray(args.num_cpus)
+        from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
 
-    summary = run_pipeline(cfg, say=_progress())
+        summary = run_pipeline(cfg, say=_progress())
     print(summary_table(summary))
     print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
     return 0
@@ -46,9 +48,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from selftrain.tracking import check_tracking_store
 
     cfg, sweep = load_sweep(args.sweep, args.overrides)
-    check_tracking_store()
-    init_ray(args.num_cpus)
-    summary = run_sweep(cfg, sweep, resume=args.resume, say=_progress())
+    with OutputLock(cfg.output_dir, "sweep"):
+        check_tracking_store()
+        init_ray(args.num_cpus)
+        summary = run_sweep(cfg, sweep, resume=args.resume, say=_progress())
     print(sweep_table(summary))
     print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
     return 0

@@ -2,19 +2,21 @@
 
 Re-running a pipeline with the same `output_dir` skips every recorded stage; a stage that did
 not record its result is redone from scratch (its partial outputs are cleared by the caller).
-A different config in the same directory is refused, naming what differs.
+A different config in the same directory is refused, naming what differs. Nothing is written
+until the first record: a run that fails validating its input leaves no ledger behind, so the
+corrected command is not refused as "a different config".
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from selftrain.config import PipelineConfig, diff_configs
 from selftrain.errors import ConfigError
+from selftrain.fsio import atomic_write_json
 
 T = TypeVar("T")
 
@@ -33,9 +35,7 @@ class Ledger:
                     "the same config to resume. Differences (stored -> now):\n  " + "\n  ".join(changes)
                 )
         else:
-            output_dir.mkdir(parents=True, exist_ok=True)
             self.state = {"config": resolved, "records": {}}
-            self._save()
 
     def get(self, key: str) -> Any:
         return self.state["records"].get(key)
@@ -51,6 +51,5 @@ class Ledger:
         return self.state["records"][key]
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        os.replace(tmp, self.path)  # atomic: a crash never leaves half a ledger
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, self.state, indent=2, default=str)  # never half a ledger

@@ -13,7 +13,6 @@ in MLflow: one parent run per pipeline, one child run per trained model.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError
+from selftrain.fsio import OutputLock, atomic_write_json
 from selftrain.ledger import Ledger
 from selftrain.methods import METHODS, check_knobs
 from selftrain.models.registry import check_student_sizes
@@ -58,14 +58,20 @@ class Run:
 def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     check_method_knobs(cfg)
     out = Path(cfg.output_dir).expanduser().resolve()
-    ledger = Ledger(out, cfg)
+    with OutputLock(out, "run"):
+        return _run_locked(cfg, out, say)
+
+
+def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    ledger = Ledger(out, cfg)  # refuses a different config; writes nothing yet
+    # The input is validated before the first record, so a typo fixed does not read as a new config.
+    paths = data_paths(cfg)
+    sets = load_labeled_sets(paths.labeled, paths.test, cfg.data.image_size)
+    check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
     tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"})
     open_runs = [parent_id]
     with tracker.terminating(open_runs):
         tracker.log_params(parent_id, cfg.model_dump())
-        paths = data_paths(cfg)
-        sets = load_labeled_sets(paths.labeled, paths.test, cfg.data.image_size)
-        check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
         run = Run(cfg, out, ledger, tracker, parent_id, paths, sets, say, open_runs)
         say(f"{len(sets.classes)} classes, {len(sets.labeled)} labeled, {len(sets.test)} test images; "
             f"pool: {paths.unlabeled}")
@@ -277,7 +283,7 @@ def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_summary(out: Path, summary: dict[str, Any]) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "summary.json", summary, indent=2)
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -15,7 +15,6 @@ crashed sweep resumable with `--resume`; a changed search space is refused.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from selftrain import plots
 from selftrain.config import PipelineConfig, SweepConfig, with_params
 from selftrain.data.folders import load_labeled_sets
 from selftrain.errors import ConfigError, SweepError
+from selftrain.fsio import OutputLock, atomic_write_json, atomic_write_text
 from selftrain.ledger import Ledger
 from selftrain.self_training import (Run, check_method_knobs, data_paths, open_tracking, pool_index_stage,
                                      score_stage, train_stage)
@@ -61,16 +61,22 @@ def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False,
                           "its objective is the students' validation accuracy")
     check_method_knobs(cfg, list(sweep.space))
     out = Path(cfg.output_dir).expanduser().resolve()
-    _check_resume(out, resume)
+    with OutputLock(out, "sweep"):
+        _check_resume(out, resume)
+        return _sweep_locked(cfg, sweep, out, resume, say, started)
+
+
+def _sweep_locked(cfg: PipelineConfig, sweep: SweepConfig, out: Path, resume: bool,
+                  say: Callable[[str], None], started: float) -> dict[str, Any]:
     pipeline = cfg.model_dump()
     pipeline.pop("output_dir")
     ledger = Ledger(out, {"pipeline": pipeline, "sweep": sweep.model_dump()}, kind="sweep")
+    paths = data_paths(cfg)  # validated before the first record (see run_pipeline)
+    sets = load_labeled_sets(paths.labeled, paths.test, cfg.data.image_size)
     tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "sweep"})
     open_runs = [parent_id]
     with tracker.terminating(open_runs):
         tracker.log_params(parent_id, {**cfg.model_dump(), "sweep": _space_params(sweep)})
-        paths = data_paths(cfg)
-        sets = load_labeled_sets(paths.labeled, paths.test, cfg.data.image_size)
         train, validation = split_validation(sets.labeled, sweep.validation_fraction, cfg.seed)
         say(f"{len(sets.classes)} classes: {len(train)} labeled images to learn from, {len(validation)} "
             f"held out for validation, {len(sets.test)} test; pool: {paths.unlabeled}")
@@ -212,7 +218,7 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
     if best["model_dir"]:
         test = evaluate(run.sets.test, best["model_dir"], cfg.scoring, cfg.data.image_size, len(run.sets.classes))
     config_path = run.out / "best_config.yaml"
-    config_path.write_text(f"# selftrain run {config_path}\n# best trial {best['trial_id']} of the sweep in "
+    atomic_write_text(config_path, f"# selftrain run {config_path}\n# best trial {best['trial_id']} of the sweep in "
                            f"{run.out} ({OBJECTIVE} {best['objective']:.4f})\n"
                            + yaml.safe_dump(best_cfg.model_dump(), sort_keys=False))
     passes = (1 if run.ledger.get("iter1/scores") else 0) + sum(t["teacher_scoring_passes"] for t in trials)
@@ -227,7 +233,7 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
         "trials_by_status": {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "failed")},
         "wall_seconds": round(seconds, 1),
     }
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_json(run.out / "summary.json", summary, indent=2, default=str)
     tracker, parent = run.tracker, run.parent_id
     tracker.log_metrics(parent, {"sweep/best_val_accuracy": best["objective"], "sweep/teacher_scoring_passes": passes,
                                  "sweep/wall_seconds": seconds,

@@ -27,6 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from selftrain.config import PipelineConfig, with_params
 from selftrain.data.builtin import DataPaths
 from selftrain.data.pool import read_pool
+from selftrain.fsio import atomic_write_json
 from selftrain.models.registry import check_student_sizes
 from selftrain.self_training import fresh_dir
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics
@@ -99,7 +100,7 @@ class _Trial:
                                                                  teacher["model_dir"])}
 
     def _save(self, record: dict[str, Any]) -> None:
-        (self.out / TRIAL_FILE).write_text(json.dumps(record))
+        atomic_write_json(self.out / TRIAL_FILE, record)  # the sweep's collection reads it whole
 
     def _own_teacher(self, record: dict[str, Any]) -> dict[str, Any]:
         """This trial's knobs change the teacher: train one on the same labeled split."""

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
+from selftrain.fsio import atomic_torch_save, atomic_write_json
 from selftrain.methods import METHODS, Batch
 from selftrain.models.registry import build_model
 
@@ -60,8 +61,15 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 
 def save_model(directory: Path, model: torch.nn.Module, spec: dict[str, Any]) -> None:
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    """Weights, then the spec: each file whole or absent (a model folder with a spec has weights)."""
+    atomic_torch_save(model.state_dict(), directory / MODEL_FILE)
+    atomic_write_json(directory / SPEC_FILE, spec, indent=2)
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's optimizer, scheduler, method state and history. Tensors, numbers and
+    containers only (`weights_only`): a checkpoint on shared storage cannot run code in the workers."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -236,7 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         method.setup(model)  # the EMA starts from the same weights
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = load_train_state(directory)
             # A checkpoint written before method state existed holds only `model.pt` (live weights).
             live = Path(directory) / LIVE_MODEL_FILE
             model.load_state_dict(torch.load(live if live.exists() else Path(directory) / MODEL_FILE,
@@ -307,7 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             final = Path(config["final_model_dir"])
             final.mkdir(parents=True, exist_ok=True)
             save_model(final, evaluated, spec)
-            (final / HISTORY_FILE).write_text(json.dumps(history))
+            atomic_write_json(final / HISTORY_FILE, history)
         save = last or (epoch + 1) % config["checkpoint_every"] == 0
         _report(epoch_metrics, rank, model, method, optimizer, scheduler, epoch, history, spec, save)
 

@@ -1,0 +1,127 @@
+"""Atomic files and the output_dir lock, on real files and real processes (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import REPO
+from selftrain.errors import ConfigError, DataError
+from selftrain.fsio import LOCK_FILE, OutputLock, _atomic_write, atomic_torch_save, atomic_write_json
+from selftrain.training.loop import STATE_FILE, load_train_state
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from selftrain.fsio import OutputLock
+    lock = OutputLock(sys.argv[1], "run").acquire()  # held while referenced
+    print("held", flush=True)
+    time.sleep(120)
+""")
+
+
+def _holder(directory):
+    """A separate process that takes the lock on `directory` and keeps it until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "platform")})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_files(tmp_path):
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"final_test_accuracy": 0.9})
+
+    def half_then_crash(handle):
+        handle.write(b'{"final_test_acc')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _atomic_write(target, half_then_crash)
+    assert json.loads(target.read_text()) == {"final_test_accuracy": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_atomic_torch_save_round_trips(tmp_path):
+    weights = {"w": torch.arange(6.0).view(2, 3)}
+    atomic_torch_save(weights, tmp_path / "model.pt")
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["w"], weights["w"])
+
+
+def test_a_second_holder_is_refused_naming_the_first_and_a_dead_holder_frees_the_lock(tmp_path):
+    proc = _holder(tmp_path / "out")
+    try:
+        with pytest.raises(ConfigError) as info:
+            OutputLock(tmp_path / "out", "run").acquire()
+        assert f"pid {proc.pid}" in str(info.value)
+        assert "is in use by another selftrain run" in str(info.value)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # as the OOM killer would
+        proc.wait()
+    with OutputLock(tmp_path / "out", "run"):
+        assert f"pid {os.getpid()}" in (tmp_path / "out" / LOCK_FILE).read_text()
+
+
+def test_the_lock_is_reentrant_within_one_process(tmp_path):
+    outer = OutputLock(tmp_path, "run").acquire()
+    with OutputLock(tmp_path, "run"):  # the pipeline inside the CLI's lock
+        pass
+    probe = subprocess.run([sys.executable, "-c", "import sys; from selftrain.fsio import OutputLock\n"
+                            "try:\n  lock = OutputLock(sys.argv[1]).acquire()\nexcept Exception as e:\n  print(e)",
+                            str(tmp_path)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "platform")})
+    assert "is in use" in probe.stdout  # still held after the inner release
+    outer.release()
+
+
+def test_cli_refuses_a_busy_output_dir_before_starting_ray(tmp_path, capsys):
+    from selftrain.cli import main
+
+    proc = _holder(tmp_path / "out")
+    try:
+        code = main(["run", str(REPO / "pipelines" / "fixmatch_smoke.yaml"), f"output_dir={tmp_path / 'out'}"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 2
+    assert f"pid {proc.pid}" in capsys.readouterr().err
+    import ray
+    assert not ray.is_initialized()
+
+
+def test_a_run_that_fails_validating_its_data_leaves_no_ledger(tmp_path, mlflow_store):
+    """Fixing the typo must not be refused as 'a different config'."""
+    from selftrain.config import load_config
+    from selftrain.self_training import run_pipeline
+
+    cfg = load_config(str(REPO / "pipelines" / "fixmatch_smoke.yaml"),
+                      [f"output_dir={tmp_path / 'out'}", "data.builtin=null", f"data.labeled={tmp_path / 'typo'}",
+                       f"data.unlabeled={tmp_path}", f"data.test={tmp_path}"])
+    with pytest.raises(DataError, match="typo"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "out" / "state.json").exists()
+
+
+def test_a_training_state_loads_with_weights_only(tmp_path):
+    """What the loop checkpoints (optimizer, scheduler, method state, history) needs no pickle."""
+    from selftrain.methods import METHODS
+
+    model = torch.nn.Linear(4, 3)
+    method = METHODS["flexmatch"](3, {}, total_steps=10, pool_size=5)
+    method.setup(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "method": method.state_dict(), "epoch": 3, "history": [{"epoch": 1, "train/loss": 0.5}]}
+    torch.save(state, tmp_path / STATE_FILE)
+    loaded = load_train_state(tmp_path)
+    assert loaded["epoch"] == 3 and loaded["history"] == state["history"]
+    assert torch.equal(loaded["method"]["records"], method.state_dict()["records"])

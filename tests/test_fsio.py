@@ -125,3 +125,36 @@ def test_a_training_state_loads_with_weights_only(tmp_path):
     loaded = load_train_state(tmp_path)
     assert loaded["epoch"] == 3 and loaded["history"] == state["history"]
     assert torch.equal(loaded["method"]["records"], method.state_dict()["records"])
+
+
+SECRET_URI = "s3://AKIAEXAMPLE:wJalrXUtnFEMI-topsecret@bucket/pool"
+
+
+def test_data_credentials_never_reach_mlflow_the_ledger_or_the_console(tmp_path, mlflow_store, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from selftrain.cli import main
+    from selftrain.config import load_config
+    from selftrain.ledger import Ledger
+    from selftrain.tracking import Tracker
+
+    cfg = load_config(str(REPO / "pipelines" / "fixmatch_smoke.yaml"),
+                      ["data.builtin=null", f"data.unlabeled={SECRET_URI}", f"data.labeled={tmp_path}",
+                       f"data.test={tmp_path}"])
+    tracker = Tracker("masking")
+    run_id = tracker.start_run("parent")
+    tracker.log_params(run_id, cfg.model_dump())
+    tracker.log_json(run_id, cfg.model_dump(), "config.json")
+    Ledger(tmp_path / "out", cfg).put("mlflow_run_id", run_id)
+
+    params = MlflowClient(mlflow_store).get_run(run_id).data.params
+    assert params["data.unlabeled"] == "s3://AKIAEXAMPLE:***@bucket/pool"
+    artifact = MlflowClient(mlflow_store).download_artifacts(run_id, "config.json", str(tmp_path))
+    stored = {"config.json": open(artifact).read(), "state.json": (tmp_path / "out" / "state.json").read_text()}
+    for name, text in stored.items():
+        assert "topsecret" not in text, name
+        assert "s3://AKIAEXAMPLE:***@bucket/pool" in text, name  # masked, not dropped
+
+    assert main(["run", SECRET_URI + "/pipeline.yaml"]) == 2  # an error that quotes the URI (as a path: one slash)
+    err = capsys.readouterr().err
+    assert "AKIAEXAMPLE:***@bucket" in err and "topsecret" not in err

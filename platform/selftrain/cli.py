@@ -12,6 +12,7 @@ from typing import Any
 
 from selftrain.errors import SelftrainError
 from selftrain.fsio import OutputLock
+from selftrain.masking import redact
 
 
 def _progress() -> Callable[[str], None]:
@@ -19,7 +20,7 @@ def _progress() -> Callable[[str], None]:
 
     def say(line: str) -> None:
         minutes, seconds = divmod(int(time.monotonic() - start), 60)
-        print(f"[{minutes:02d}:{seconds:02d}] {line}", flush=True)
+        print(f"[{minutes:02d}:{seconds:02d}] {redact(line)}", flush=True)
 
     return say
 
@@ -30,8 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
+    check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
     with OutputLock(cfg.output_dir, "run"):  # a busy output_dir is refused before Ray starts
-        check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
         init_ray(args.num_cpus)
         from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
 
@@ -48,8 +49,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from selftrain.tracking import check_tracking_store
 
     cfg, sweep = load_sweep(args.sweep, args.overrides)
+    check_tracking_store()
     with OutputLock(cfg.output_dir, "sweep"):
-        check_tracking_store()
         init_ray(args.num_cpus)
         summary = run_sweep(cfg, sweep, resume=args.resume, say=_progress())
     print(sweep_table(summary))
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except SelftrainError as exc:
-        print(f"selftrain: error: {exc}", file=sys.stderr)
+        print(f"selftrain: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selftrain: interrupted; re-run the same command to resume", file=sys.stderr)

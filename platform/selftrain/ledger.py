@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from selftrain.config import PipelineConfig, diff_configs
 from selftrain.errors import ConfigError
 from selftrain.fsio import atomic_write_json
+from selftrain.masking import redact_tree
 
 T = TypeVar("T")
 
@@ -26,6 +27,7 @@ class Ledger:
         self.path = output_dir / "state.json"
         resolved = config.model_dump() if isinstance(config, PipelineConfig) else dict(config)
         resolved.pop("output_dir", None)  # the same directory may be spelled differently
+        resolved = redact_tree(resolved)  # stored and compared masked: no data credentials on disk
         if self.path.exists():
             self.state = json.loads(self.path.read_text())
             changes = diff_configs(self.state["config"], resolved)

@@ -36,7 +36,8 @@ from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, s
 from selftrain.stages.score import score_pool
 from selftrain.stages.pool_index import index_pool
 from selftrain.stages.train import train_model, training_streams
-from selftrain.tracking import Tracker, redact
+from selftrain.masking import redact, redact_tree
+from selftrain.tracking import Tracker
 
 
 @dataclass
@@ -283,7 +284,7 @@ def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write_json(out / "summary.json", summary, indent=2)
+    atomic_write_json(out / "summary.json", redact_tree(summary), indent=2)
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from selftrain.data.folders import load_labeled_sets
 from selftrain.errors import ConfigError, SweepError
 from selftrain.fsio import OutputLock, atomic_write_json, atomic_write_text
 from selftrain.ledger import Ledger
+from selftrain.masking import redact_tree
 from selftrain.self_training import (Run, check_method_knobs, data_paths, open_tracking, pool_index_stage,
                                      score_stage, train_stage)
 from selftrain.stages.evaluate import evaluate
@@ -233,7 +234,7 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
         "trials_by_status": {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "failed")},
         "wall_seconds": round(seconds, 1),
     }
-    atomic_write_json(run.out / "summary.json", summary, indent=2, default=str)
+    atomic_write_json(run.out / "summary.json", redact_tree(summary), indent=2, default=str)
     tracker, parent = run.tracker, run.parent_id
     tracker.log_metrics(parent, {"sweep/best_val_accuracy": best["objective"], "sweep/teacher_scoring_passes": passes,
                                  "sweep/wall_seconds": seconds,

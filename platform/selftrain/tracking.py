@@ -8,14 +8,14 @@ working directory, made absolute so Ray workers and Tune trials (which change di
 A store that does not answer at the start stops the run before any compute (TrackingError). One
 that stops answering later does not: training results matter more than their record, so the
 Tracker stops calling it, counts what it could not log and says so at the end (`outage()`).
-Credentials in the URI are masked (`redact`) wherever the URI or an MLflow error is shown or stored.
+Credentials in URIs (the store's, the data's) are masked (`masking.redact`) in every param, JSON
+artifact and error this module shows or stores.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import tempfile
 import threading
@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from selftrain.errors import TrackingError
+from selftrain.masking import redact, redact_tree
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
@@ -39,21 +40,11 @@ _MAX_PARAM = 6000  # MLflow's limit on a param value's length
 # a dead server; these give up in seconds. The user's own MLFLOW_HTTP_* settings win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
-_SECRET_QUERY = re.compile(r"(?P<head>[?&](?:[\w.]*-)?(?:password|passwd|pwd|token|access_token|secret|"
-                          r"client_secret|api_key|apikey|sig|signature)=)[^&\s]*", re.I)
 T = TypeVar("T")
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def redact(text: str) -> str:
-    """Mask passwords in URIs (`http://user:pass@host`, `postgresql://user:pass@host/db`) and
-    secret query parameters, anywhere in `text` (MLflow's own errors quote the full URI)."""
-    text = _USERINFO.sub(r"\g<head>:***@", text)
-    return _SECRET_QUERY.sub(r"\g<head>***", text)
 
 
 def check_tracking_store(uri: str | None = None) -> str:
@@ -129,7 +120,7 @@ class Tracker:
     def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
         def log() -> None:
             existing = self.client.get_run(run_id).data.params  # params are write-once in MLflow
-            fresh = [Param(k, str(v)[:_MAX_PARAM]) for k, v in flatten(params).items() if k not in existing]
+            fresh = [Param(k, redact(str(v))[:_MAX_PARAM]) for k, v in flatten(params).items() if k not in existing]
             for start in range(0, len(fresh), 100):
                 self.client.log_batch(run_id, params=fresh[start:start + 100])
 
@@ -154,7 +145,7 @@ class Tracker:
     def log_json(self, run_id: str | None, data: Any, file_name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / file_name
-            target.write_text(json.dumps(data, indent=2, default=str))
+            target.write_text(json.dumps(redact_tree(data), indent=2, default=str))
             self._attempt("artifacts", file_name, run_id, lambda: self.client.log_artifact(run_id, str(target)))
 
     def log_figure(self, run_id: str | None, figure: Any, file_name: str) -> None:

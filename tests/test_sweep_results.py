@@ -7,7 +7,7 @@ import pytest
 
 from selftrain import plots
 from selftrain.errors import DataError, SweepError
-from selftrain.sweep import choose_best
+from selftrain.sweep import choose_best, sweep_table
 from selftrain.sweep_results import _first_line, split_validation
 
 
@@ -75,3 +75,17 @@ def test_objective_plot_has_one_panel_per_swept_key():
     assert [ax.get_xlabel() for ax in axes] == ["pseudo_label.threshold", "pseudo_label.temperature"]
     assert sum(len(c.get_offsets()) for c in axes[0].collections) == 3  # the failed trial is left out
     plots.close(fig)
+
+
+def test_sweep_table_when_no_trial_left_a_final_model_and_mlflow_went_away():
+    """Printed after the whole sweep has run: it must not crash on a missing test accuracy."""
+    trials = [{"params": {"pseudo_label.threshold": t}, "status": "stopped_early", "epochs": 1,
+               "objective": o, "trial_id": i} for i, (t, o) in enumerate([(0.3, 0.61), (0.8, 0.72)])]
+    summary = {"trials": trials, "best_trial": 1, "best_params": {"pseudo_label.threshold": 0.8},
+               "best_val_accuracy": 0.72, "best_test_accuracy": None, "teacher_scoring_passes": 1,
+               "best_config": "out/best_config.yaml",
+               "tracking_errors": [{"message": "MLflow at http://h:5000 stopped answering; not logged: 3 tags"}]}
+    text = sweep_table(summary)
+    assert "test accuracy none (ASHA stopped every trial early" in text
+    assert text.index("0.7200") < text.index("0.6100")  # best first
+    assert text.endswith("not logged: 3 tags")

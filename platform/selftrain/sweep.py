@@ -102,6 +102,9 @@ def _sweep_locked(cfg: PipelineConfig, sweep: SweepConfig, out: Path, resume: bo
         trials = collect_trials(results, sweep, cfg, out, tracker, parent_id)
         summary = _summarize(cfg, sweep, run, trials, teacher, time.monotonic() - started)
         tracker.finish(parent_id)
+    if tracker.outage():  # the results on disk are complete; say what the MLflow record lacks
+        summary["tracking_errors"] = [tracker.outage()]
+        atomic_write_json(out / "summary.json", redact_tree(summary), indent=2, default=str)
     return summary
 
 
@@ -233,6 +236,7 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
         "best_config": str(config_path), "teacher_scoring_passes": passes,
         "trials_by_status": {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "failed")},
         "wall_seconds": round(seconds, 1),
+        "tracking_errors": [run.tracker.outage()] if run.tracker.outage() else [],
     }
     atomic_write_json(run.out / "summary.json", redact_tree(summary), indent=2, default=str)
     tracker, parent = run.tracker, run.parent_id
@@ -257,7 +261,11 @@ def sweep_table(summary: dict[str, Any]) -> str:
     rows = [{**t["params"], "status": t["status"], "epochs": t["epochs"], OBJECTIVE: t["objective"],
              "trial": t["trial_id"]} for t in summary["trials"]]
     table = pd.DataFrame(rows).sort_values(OBJECTIVE, ascending=False, na_position="last")
+    test = summary["best_test_accuracy"]
+    test_text = f"{test:.4f}" if test is not None else "none (ASHA stopped every trial early: no final model)"
+    errors = "".join(f"\n{e['message']}" for e in summary.get("tracking_errors", []))
     return (f"{table.to_string(index=False, float_format=lambda v: f'{v:.4f}')}\n"
             f"best trial {summary['best_trial']} ({_params_text(summary['best_params'])}): {OBJECTIVE} "
-            f"{summary['best_val_accuracy']:.4f}, test accuracy {summary['best_test_accuracy']:.4f}; "
-            f"teacher-scoring passes: {summary['teacher_scoring_passes']}; best config: {summary['best_config']}")
+            f"{summary['best_val_accuracy']:.4f}, test accuracy {test_text}; "
+            f"teacher-scoring passes: {summary['teacher_scoring_passes']}; best config: {summary['best_config']}"
+            + errors)

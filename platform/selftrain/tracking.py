@@ -99,19 +99,20 @@ class Tracker:
                           tags: dict[str, str] | None = None) -> str:
         """The child run of `parent_id` tagged `key_tag=key`, re-opened, or a new one. A restored
         Tune sweep re-runs trials it had not snapshotted as done: no duplicate runs for them."""
-        found = self.client.search_runs(
-            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{key_tag}` = '{key}'")
+        found = self._attempt("run searches", name, parent_id, lambda: self.client.search_runs(
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{key_tag}` = '{key}'"))
         if found:
             self.reopen(found[0].info.run_id)
             return found[0].info.run_id
         return self.start_run(name, parent_id, {key_tag: key, **(tags or {})})
 
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            self._attempt("tags", key, run_id, lambda: self.client.set_tag(run_id, key, redact(str(value))))
 
-    def status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
+    def status(self, run_id: str | None) -> str | None:
+        """The run's status; None when the store stopped answering."""
+        return self._attempt("run status reads", "status", run_id, lambda: self.client.get_run(run_id).info.status)
 
     def reopen(self, run_id: str | None) -> None:
         self._attempt("run status updates", "RUNNING", run_id,
@@ -218,9 +219,9 @@ class Tracker:
 
     def runs(self, parent_id: str) -> list[Any]:
         """Child runs of a parent, oldest first."""
-        found = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
-                                        order_by=["attributes.start_time ASC"])
-        return list(found)
+        found = self._attempt("run searches", "children", parent_id, lambda: self.client.search_runs(
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", order_by=["attributes.start_time ASC"]))
+        return list(found or [])
 
 
 def search_runs(experiment: str, filter_string: str = "", uri: str | None = None) -> Any:

@@ -50,7 +50,8 @@ def test_the_teacher_trains_by_fixmatch_and_mlflow_shows_its_unlabeled_metrics(f
                                                                           ("student", "noisy_student")]
     runs = experiment_runs(client, "fixmatch_smoke")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
-    assert len(runs) == 3 and len(children) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 4 and len(children) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert [r.data.tags["selftrain.role"] for r in children] == ["teacher", "baseline", "student"]
     teacher = children[0]
     params = teacher.data.params
     assert params["method"] == "fixmatch" and params["method.threshold"] == "0.5"
@@ -65,3 +66,29 @@ def test_the_teacher_trains_by_fixmatch_and_mlflow_shows_its_unlabeled_metrics(f
     for total, sup, unsup in zip(*(client.get_metric_history(teacher.info.run_id, k)
                                    for k in ("train/loss", "sup/loss", "unsup/loss"))):
         assert total.value == pytest.approx(sup.value + unsup.value, rel=1e-5)
+
+
+def test_the_labeled_only_baseline_and_the_seconds_per_stage_are_reported(fixmatch_run, capsys):
+    """An online teacher gets a supervised twin on the labeled images alone: the summary shows
+    what the pool added. Every stage's wall time is in summary.json."""
+    summary, client = fixmatch_run["summary"], fixmatch_run["client"]
+    baseline = summary["baseline"]
+    assert (baseline["role"], baseline["method"], baseline["model"]) == ("baseline", "supervised", "cnn_small")
+    assert baseline["train_rows"] == 50 and baseline["pseudo_labels_kept"] == 0
+    run = client.get_run(baseline["mlflow_run_id"])
+    assert run.data.params["method"] == "supervised" and run.data.params["pool_rows"] == "0"
+    assert run.data.metrics["eval/accuracy"] == summary["baseline_test_accuracy"] == baseline["test_accuracy"]
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.metrics["eval/baseline_accuracy"] == baseline["test_accuracy"]
+    stages = summary["stage_seconds"]
+    assert list(stages) == ["teacher", "baseline", "iter1/scoring", "iter1/pseudo_labels", "iter1/student"]
+    assert all(seconds > 0 for seconds in stages.values())
+    wall = (parent.info.end_time - parent.info.start_time) / 1000
+    assert sum(stages.values()) <= wall + 1
+    from selftrain.self_training import summary_table
+
+    text = summary_table(summary)
+    gain = (summary["final_test_accuracy"] - baseline["test_accuracy"]) * 100
+    assert f"vs supervised on the labeled images alone: {gain:+.1f} points" in text
+    assert text.splitlines()[1].split()[:3] == ["-", "baseline", "cnn_small"]  # first row, under the header
+    assert "seconds per stage: teacher" in text

@@ -42,17 +42,24 @@ def test_summary_reports_every_iteration_and_every_unreadable_file(smoke, capsys
     assert smoke["code"] == 0
     summary = _summary(smoke)
     assert [(e["iteration"], e["role"], e["model"]) for e in summary["iterations"]] == [
-        (0, "teacher", "resnet18"), (1, "student", "resnet18")]
+        (0, "teacher", "cnn_tiny"), (1, "student", "cnn_tiny")]
     teacher, student = summary["iterations"]
     assert teacher["pseudo_labels_kept"] == 0 and student["pseudo_labels_kept"] == 1297  # τ = 0 keeps all
-    assert 0.0 <= student["pseudo_label_accuracy"] <= 1.0
+    # Learned, not guessed: 10 classes, chance 0.10 (measured: teacher 0.80, student 0.76).
+    assert teacher["test_accuracy"] >= 0.5 and student["test_accuracy"] >= 0.5
     assert summary["final_test_accuracy"] == student["test_accuracy"]
-    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
     assert sorted(r["path"] for r in summary["rejected"]) == sorted(smoke["bad"])
     assert all(r["reason"] for r in summary["rejected"])
     assert summary["rejected_count"] == len(smoke["bad"])
     labels = pd.read_parquet(student["pseudo_labels"])
     assert len(labels) == student["train_rows"] - 50 and labels["iteration"].eq(1).all()
+    # The reported pseudo-label accuracy is the teacher's scores against the pool's class folders,
+    # over every kept image (τ = 0: every readable one), recomputed here from the scores Parquet.
+    scores = pd.read_parquet(smoke["root"] / "run" / "iter1" / "scoring" / "scores")
+    good = scores[scores["error"] == ""]
+    assert len(good) == 1297
+    assert student["pseudo_label_accuracy"] == pytest.approx((good["prediction"] == good["label"]).mean())
+    assert student["pseudo_label_accuracy"] >= 0.5
 
 
 def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):

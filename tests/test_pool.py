@@ -47,6 +47,16 @@ def test_glob_matches_like_the_shell():
     assert glob_regex("s[0-9]/?.jp*g").match("s3/x.jpeg") and not glob_regex("s[!0-9]/x.jpg").match("s3/x.jpg")
 
 
+def test_a_relative_glob_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Not the filesystem root (which a pool of '**/*.png' once listed whole)."""
+    monkeypatch.chdir(tmp_path)
+    for spec, root, pattern in (("**/*.png", tmp_path, "**/*.png"), ("pool/*.jpg", tmp_path / "pool", "*.jpg")):
+        (tmp_path / "pool").mkdir(exist_ok=True)
+        location = listing.locate(spec)
+        assert (location.root, location.pattern.pattern) == (str(root), glob_regex(pattern).pattern)
+    assert listing.locate("/*.png").root == "/"
+
+
 def test_file_uri_pool_lists_nested_folders_and_globs(ray_session, tmp_path):
     root = _tree(tmp_path / "pool", {
         "top.png": GOOD, "a/1.png": GOOD, "a/b/2.jpg": GOOD, "c/3.PNG": GOOD,

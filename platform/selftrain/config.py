@@ -127,7 +127,12 @@ class TrainConfig(_Strict):
         "must fit beside the workers, or the data tasks wait forever"
     )
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's shuffle buffer")
-    checkpoint_every: int = Field(5, ge=1, description="epochs between checkpoints (and the last)")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (and the last): "
+                                  "what a restarted worker group or a re-run loses at most")
+    max_failures: int | None = Field(
+        None, ge=0, description="times Ray Train restarts a failed worker group (a lost node, a killed "
+        "worker) within one run, each time from the last checkpoint; default: 3 on a multi-node "
+        "cluster, 0 on a single machine, where a failure is a bug to see at once")
     student_init: Literal["scratch", "teacher"] = Field(
         "scratch", description="a student starts from random weights (Noisy Student's default), or "
         "from its teacher's weights (same architecture only): it starts above chance, so a sweep's "
@@ -284,6 +289,10 @@ class PipelineConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    baseline: bool = Field(True, description="beside a teacher that learns from the pool (an online "
+                           "method), also train the teacher's architecture supervised on the labeled "
+                           "images alone, so the summary shows what the pool added; nothing extra when "
+                           "the teacher is supervised already")
 
     @model_validator(mode="after")
     def _student_init_needs_equal_architectures(self) -> PipelineConfig:

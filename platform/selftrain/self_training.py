@@ -14,15 +14,16 @@ in MLflow: one parent run per pipeline, one child run per trained model.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
 from selftrain import plots
-from selftrain.config import PipelineConfig
+from selftrain.config import MethodConfig, PipelineConfig
 from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
@@ -38,6 +39,8 @@ from selftrain.stages.pool_index import index_pool
 from selftrain.stages.train import train_model, training_streams
 from selftrain.masking import redact, redact_tree
 from selftrain.tracking import Tracker
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,24 +74,37 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> d
     check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
     tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"})
     open_runs = [parent_id]
+    stage_seconds: dict[str, float] = {}
+
+    def timed(stage: str, compute: Callable[[], T]) -> T:
+        """`compute()`, its wall time added to `stage_seconds` (a resumed, recorded stage: ~0)."""
+        start = time.monotonic()
+        try:
+            return compute()
+        finally:
+            stage_seconds[stage] = round(stage_seconds.get(stage, 0.0) + time.monotonic() - start, 1)
+
     with tracker.terminating(open_runs):
         tracker.log_params(parent_id, cfg.model_dump())
         run = Run(cfg, out, ledger, tracker, parent_id, paths, sets, say, open_runs)
         say(f"{len(sets.classes)} classes, {len(sets.labeled)} labeled, {len(sets.test)} test images; "
             f"pool: {paths.unlabeled}")
 
-        teacher = train_stage(run, iteration=0, arch=cfg.model.teacher, pseudo=None)
+        teacher = timed("teacher", lambda: train_stage(run, iteration=0, arch=cfg.model.teacher, pseudo=None))
+        baseline = timed("baseline", lambda: baseline_stage(run)) if cfg.baseline and cfg.teacher.online else None
         results = [teacher]
         for iteration in range(1, cfg.iterations + 1):
-            scores = score_stage(run, iteration, teacher)
-            pseudo = pseudo_label_stage(run, iteration, teacher, scores)
-            student = train_stage(run, iteration, cfg.model.student(iteration), pseudo, teacher["model_dir"])
+            scores = timed(f"iter{iteration}/scoring", lambda: score_stage(run, iteration, teacher))
+            pseudo = timed(f"iter{iteration}/pseudo_labels", lambda: pseudo_label_stage(run, iteration, teacher, scores))
+            student = timed(f"iter{iteration}/student", lambda: train_stage(
+                run, iteration, cfg.model.student(iteration), pseudo, teacher["model_dir"]))
             results.append(student)
             teacher = student
 
-        summary = _summarize(run, results)
+        summary = _summarize(run, results, baseline, stage_seconds)
         tracker.log_metrics(parent_id, {"eval/final_accuracy": summary["final_test_accuracy"],
-                                        "eval/teacher_accuracy": results[0]["test_accuracy"]})
+                                        "eval/teacher_accuracy": results[0]["test_accuracy"],
+                                        **({"eval/baseline_accuracy": baseline["test_accuracy"]} if baseline else {})})
         tracker.log_figure(parent_id, plots.accuracy_per_iteration(
             [r["test_accuracy"] for r in results], [r["model"] for r in results]), "accuracy_per_iteration.png")
         tracker.log_json(parent_id, cfg.model_dump(), "config.json")
@@ -196,18 +212,19 @@ def method_params(method: Any) -> dict[str, Any]:
 
 
 def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | None,
-                teacher_dir: str | None = None) -> dict[str, Any]:
-    """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only."""
-    key = f"iter{iteration}"
+                teacher_dir: str | None = None, role: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only
+    (role "baseline": the teacher's architecture, supervised, on the labeled images alone)."""
+    role = role or ("teacher" if iteration == 0 else "student")
+    key = "baseline" if role == "baseline" else f"iter{iteration}"
     if run.ledger.get(f"{key}/result"):
         return run.ledger.get(f"{key}/result")
-    role = "teacher" if iteration == 0 else "student"
     child = run.ledger.get(f"{key}/mlflow_run_id")
     if child:
         run.open_runs.append(child)
         run.tracker.reopen(child)
     else:
-        child = run.tracker.start_run(f"{key}-{role}-{arch}", parent_id=run.parent_id,
+        child = run.tracker.start_run(f"{key}-{arch}" if role == "baseline" else f"{key}-{role}-{arch}", parent_id=run.parent_id,
                                       tags={"selftrain.iteration": str(iteration), "selftrain.role": role})
         run.open_runs.append(child)
         run.ledger.put(f"{key}/mlflow_run_id", child)
@@ -258,7 +275,15 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     return record
 
 
-def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
+def baseline_stage(run: Run) -> dict[str, Any]:
+    """The teacher's architecture and budget, supervised on the labeled images alone: what the
+    pool adds is the teacher's (and the students') accuracy over this one."""
+    cfg = run.cfg.model_copy(update={"teacher": MethodConfig(method="supervised")})
+    return train_stage(replace(run, cfg=cfg), iteration=0, arch=cfg.model.teacher, pseudo=None, role="baseline")
+
+
+def _summarize(run: Run, results: list[dict[str, Any]], baseline: dict[str, Any] | None = None,
+               stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     rejected = {r["path"]: r["reason"] for r in run.sets.rejected.to_dict("records")}
     pool_rejected = 0  # every pass scores the same pool; the lists name the first 1,000 only
     records = [run.ledger.get(f"iter{i}/pseudo_labels") for i in range(1, run.cfg.iterations + 1)]
@@ -273,6 +298,9 @@ def _summarize(run: Run, results: list[dict[str, Any]]) -> dict[str, Any]:
         "classes": run.sets.classes,
         "teacher_test_accuracy": results[0]["test_accuracy"],
         "final_test_accuracy": results[-1]["test_accuracy"],
+        "baseline_test_accuracy": baseline["test_accuracy"] if baseline else None,
+        "baseline": baseline,
+        "stage_seconds": stage_seconds or {},
         "teacher_scoring_passes": run.cfg.iterations,
         "iterations": results,
         "rejected": [{"path": p, "reason": r} for p, r in sorted(rejected.items())],
@@ -288,10 +316,19 @@ def _write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    table = pd.DataFrame(summary["iterations"])[
+    """The models of a run, the labeled-only baseline first when there is one, then where the
+    minutes went."""
+    rows = ([{**summary["baseline"], "iteration": "-"}] if summary.get("baseline") else []) + summary["iterations"]
+    table = pd.DataFrame(rows)[
         ["iteration", "role", "model", "method", "train_rows", "pseudo_labels_kept", "pseudo_label_accuracy", "test_accuracy"]]
     gain = summary["final_test_accuracy"] - summary["teacher_test_accuracy"]
-    return (f"{table.to_string(index=False, float_format=lambda v: f'{v:.4f}')}\n"
-            f"final student vs teacher: {gain * 100:+.1f} points of test accuracy "
-            f"({summary.get('rejected_count', len(summary['rejected']))} unreadable files skipped; "
-            f"MLflow run {summary['mlflow_run_id']})")
+    lines = [table.to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+             f"final student vs teacher: {gain * 100:+.1f} points of test accuracy"]
+    if summary.get("baseline_test_accuracy") is not None:
+        pool_gain = summary["final_test_accuracy"] - summary["baseline_test_accuracy"]
+        lines[-1] += f"; vs supervised on the labeled images alone: {pool_gain * 100:+.1f} points"
+    lines[-1] += (f" ({summary.get('rejected_count', len(summary['rejected']))} unreadable files skipped; "
+                  f"MLflow run {summary['mlflow_run_id']})")
+    if summary.get("stage_seconds"):
+        lines.append("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
+    return "\n".join(lines)

@@ -76,12 +76,13 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def _split_glob(spec: str) -> tuple[str, str | None]:
-    """`/data/pool/**/*.jpg` -> (`/data/pool`, `**/*.jpg`): the fixed folder and the rest."""
+    """`/data/pool/**/*.jpg` -> (`/data/pool`, `**/*.jpg`): the fixed folder and the rest.
+    A relative glob (`**/*.png`, `*.jpg`) is relative to the working directory, as in a shell."""
     if not _is_glob(spec):
         return spec, None
     first = min(spec.index(ch) for ch in "*?[" if ch in spec)
     cut = spec.rfind("/", 0, first)
-    return spec[:cut] if cut > 0 else "/", spec[cut + 1:]
+    return spec[:cut] if cut > 0 else "/" if cut == 0 else ".", spec[cut + 1:]
 
 
 def locate(spec: str) -> PoolLocation:

@@ -155,6 +155,14 @@ class MlflowEpochs(UserCallback):
         self._tracker.log_metrics(self.run_id, epoch_metrics, step=step)
 
 
+def default_max_failures(configured: int | None) -> int:
+    """`train.max_failures` as set, else 3 on a multi-node cluster (nodes come and go: spot,
+    preemption) and 0 on one machine (a failure there is a bug, shown at once)."""
+    if configured is not None:
+        return configured
+    return 3 if sum(1 for n in ray.nodes() if n.get("Alive")) > 1 else 0
+
+
 def _training_error(exc: TrainingFailedError) -> TrainingError | None:
     """Our own TrainingError raised in a worker, unwrapped for a one-line message."""
     text = str(exc)
@@ -203,7 +211,8 @@ def train_model(
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str((out_dir.parent / "ray_train").resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=0), callbacks=callbacks or []),
+                             failure_config=FailureConfig(max_failures=default_max_failures(cfg.train.max_failures)),
+                             callbacks=callbacks or []),
         datasets={"train": streams.train, **({"unlabeled": streams.unlabeled} if streams.unlabeled else {})},
         dataset_config=DataConfig(datasets_to_split=["unlabeled", *(["train"] if streams.split_train else [])]),
     )

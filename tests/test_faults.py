@@ -1,0 +1,82 @@
+"""Faults injected into real components, from outside, as a cluster would inflict them.
+
+Run alone with `python -m pytest -m faults`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from selftrain.config import load_config
+from selftrain.data.folders import load_labeled_sets
+from selftrain.stages.train import train_model, training_streams
+
+from conftest import REPO
+
+pytestmark = pytest.mark.faults
+
+
+def _train_worker_pids() -> set[int]:
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.pid for a in alive}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, digits, tmp_path):
+    """SIGKILL the Ray Train worker once its first checkpoint is committed: Ray Train starts a new
+    worker, the loop resumes after that checkpoint, and every epoch is in the history once."""
+    epochs = 6
+    cfg = load_config(str(REPO / "pipelines" / "fixmatch.yaml"), [
+        "teacher.method=supervised", "model.teacher=cnn_tiny", f"train.teacher_epochs={epochs}",
+        "train.steps_per_epoch=150", "train.max_failures=1", "train.checkpoint_every=1",
+        f"output_dir={tmp_path}"])
+    sets = load_labeled_sets(digits.labeled, digits.test, cfg.data.image_size)
+    streams = training_streams(cfg, cfg.teacher, sets.labeled, len(sets.classes), None, None)
+    spec = {"num_classes": 10, "classes": sets.classes, "image_size": cfg.data.image_size}
+    out = tmp_path / "iter0"
+    result: dict = {}
+
+    def fit() -> None:
+        try:
+            result["trained"] = train_model(cfg, "fault", "cnn_tiny", streams, spec, student=False,
+                                            out_dir=out, seed=0)
+        except BaseException as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    storage = out.parent / "ray_train" / "fault"
+    first = _wait_for(lambda: sorted(storage.glob("checkpoint_*/history.json")), 240, "the first committed checkpoint")
+    saved = json.loads(first[0].read_text())  # the epochs that checkpoint holds
+    victims = _wait_for(_train_worker_pids, 30, "a live RayTrainWorker")
+    assert len(victims) == 1
+    victim = victims.pop()
+    os.kill(victim, signal.SIGKILL)
+    # A new worker process takes over (had the run ended before the kill, none would come).
+    _wait_for(lambda: _train_worker_pids() - {victim}, 120, "a restarted RayTrainWorker")
+    thread.join(timeout=300)
+
+    assert "error" not in result, f"the run did not survive the kill: {result.get('error')!r}"
+    history = result["trained"].history
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # each epoch once, in order
+    # Resumed, not restarted from scratch: the epochs before the checkpoint are the ones it saved.
+    assert history[:len(saved)] == saved
+    assert (Path(result["trained"].model_dir) / "model.pt").exists()

@@ -160,3 +160,34 @@ def test_a_knob_the_method_never_reads_is_refused_before_any_compute():
     with pytest.raises(ConfigError, match=r"students.temperature: method 'fixmatch' does not read"):
         check_method_knobs(build_config({"students": {"method": "fixmatch"}}), ["students.temperature"])
     check_method_knobs(build_config({"students": {"method": "uda"}}), ["students.temperature", "students.tsa"])
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_config_show_lists_every_key_with_value_default_and_range(path: Path, capsys):
+    from selftrain.cli import main
+
+    assert main(["config", "show", str(path), "train.lr=0.123"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = {line[2:].split(":", 1)[0]: line for line in lines[1:]}
+    leaf_keys = _leaves(PipelineConfig().model_dump())
+    assert set(leaf_keys) <= set(shown)  # every key of a pipeline, dotted
+    assert shown["train.lr"] == "* train.lr: 0.123  # default 0.05; > 0.0"
+    assert shown["train.max_failures"].startswith("  train.max_failures: None  # default None; >= 0; times Ray Train")
+    if "\nsweep:" in path.read_text():
+        assert "sweep.scheduler" in shown
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return out
+
+
+def test_version(capsys):
+    from selftrain import __version__
+    from selftrain.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"selftrain {__version__}"

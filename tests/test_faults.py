@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,9 +26,12 @@ pytestmark = pytest.mark.faults
 
 
 def _train_worker_pids() -> set[int]:
+    import ray
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # This session's Ray by address: another Ray on the machine must not confuse the lookup.
+    alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return {a.pid for a in alive}
 
 
@@ -80,3 +85,31 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray
     # Resumed, not restarted from scratch: the epochs before the checkpoint are the ones it saved.
     assert history[:len(saved)] == saved
     assert (Path(result["trained"].model_dir) / "model.pt").exists()
+
+
+def test_sigterm_during_training_marks_the_runs_killed_and_exits_143(tmp_path):
+    """`kill -TERM` (what `ray job stop` sends) while Ray Train fits the teacher."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "selftrain.cli", "run", str(REPO / "pipelines" / "smoke.yaml"),
+                             f"output_dir={tmp_path / 'run'}", "train.teacher_epochs=200", "--num-cpus", "2"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "training teacher" in line:
+                break
+        # Inside trainer.fit: the Ray Train run directory exists once the controller started.
+        _wait_for(lambda: list((tmp_path / "run" / "ray_train").glob("*")), 120, "Ray Train to start")
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "selftrain: terminated (SIGTERM); re-run the same command to resume" in err
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.data.tags["selftrain.role"] for r in runs) == ["pipeline", "teacher"]
+    assert {r.info.status for r in runs} == {"KILLED"}

@@ -63,10 +63,18 @@ def test_file_uri_pool_lists_nested_folders_and_globs(ray_session, tmp_path):
         "c/notes.txt": b"not a pool file", "c/.hidden.png": GOOD, "a/_SUCCESS": b"",
     })
     expected = [str(root / p) for p in ("a/1.png", "a/b/2.jpg", "c/3.PNG", "top.png")]
-    assert _paths(read_pool(f"file://{root}", "image", None)) == expected
-    assert _paths(read_pool(str(root), "image", None)) == expected
+    # Every file is read or named with the reason it was not: nothing disappears silently.
+    skipped = {str(root / "c/notes.txt"): "skipped: unsupported extension '.txt'",
+               str(root / "c/.hidden.png"): "skipped: hidden or marker file",
+               str(root / "a/_SUCCESS"): "skipped: hidden or marker file"}
+    for spec in (f"file://{root}", str(root)):
+        rows = read_pool(spec, "image", None).select_columns(["path", "error"]).to_pandas()
+        assert sorted(rows.loc[rows["error"] == "", "path"]) == expected
+        reasons = dict(zip(rows.loc[rows["error"] != "", "path"], rows.loc[rows["error"] != "", "error"]))
+        assert sorted(reasons) == sorted(skipped)
+        assert all(reasons[path].startswith(why) for path, why in skipped.items())
     assert _paths(read_pool(f"file://{root}/**/*.png", "image", None)) == [str(root / "a/1.png"), str(root / "top.png")]
-    assert _paths(read_pool(f"{root}/a/*", "image", None)) == [str(root / "a/1.png")]
+    assert _paths(read_pool(f"{root}/a/*", "image", None)) == [str(root / "a/1.png"), str(root / "a/_SUCCESS")]
     rows = read_pool(f"file://{root}/a/b/2.jpg", "image", None).to_pandas()
     assert rows["path"].tolist() == [str(root / "a/b/2.jpg")] and rows["bytes"][0] == GOOD
 
@@ -76,8 +84,14 @@ def test_parquet_folder_uri_streams_rows_with_stable_ids(ray_session, tmp_path):
     (tmp_path / "pq" / "part").mkdir(parents=True)
     pq.write_table(pa.table({"img": images[:500]}), tmp_path / "pq" / "part" / "0.parquet")
     pq.write_table(pa.table({"img": images[500:]}), tmp_path / "pq" / "1.parquet")
+    (tmp_path / "pq" / "_SUCCESS").write_bytes(b"")  # as Spark leaves it
+    (tmp_path / "pq" / "stray.png").write_bytes(GOOD)  # a mixed pool: named, not silently dropped
     rows = read_pool(f"file://{tmp_path / 'pq'}", "img", None).to_pandas().set_index("path")
-    assert len(rows) == 600
+    assert len(rows) == 602
+    assert rows.loc[str(tmp_path / "pq" / "stray.png"), "error"].startswith(
+        "skipped: an image file in a pool of Parquet files")
+    assert rows.loc[str(tmp_path / "pq" / "_SUCCESS"), "error"] == "skipped: hidden or marker file"
+    assert (rows["error"] != "").sum() == 2
     assert rows.loc[f"{tmp_path / 'pq' / 'part' / '0.parquet'}#row=499", "bytes"] == images[499]
     assert rows.loc[f"{tmp_path / 'pq' / '1.parquet'}#row=99", "bytes"] == images[599]
     with pytest.raises(DataError, match=r"pq/1.parquet has no column 'image' \(columns: img\); set data.parquet_image_column"):

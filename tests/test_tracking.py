@@ -3,6 +3,8 @@ import signal
 
 import pytest
 
+from mlflow.tracking import MlflowClient
+
 from selftrain.tracking import Tracker, flatten
 
 
@@ -77,3 +79,10 @@ def test_threaded_callers_get_no_signal_handler_and_still_mark_failures(mlflow_s
     thread.start()
     thread.join()
     assert errors == ["trial failed"] and tracker.status(run) == "FAILED"
+
+
+def test_experiments_are_marked_as_model_training(mlflow_store):
+    """MLflow 3's UI opens a marked experiment on its runs table, not the GenAI traces view."""
+    tracker = Tracker("kind")
+    experiment = MlflowClient(mlflow_store).get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

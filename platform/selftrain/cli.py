@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selftrain.errors import SelftrainError
+from selftrain import __version__
+from selftrain.errors import SelftrainError, Terminated, raise_terminated
 from selftrain.fsio import OutputLock
 from selftrain.masking import redact
 
@@ -95,6 +98,19 @@ def _add_sweep_commands(commands: Any) -> None:
     compare.set_defaults(handler=_compare)
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    from selftrain.config import _read_yaml, describe_config, load_config, load_sweep
+
+    is_sweep = "sweep" in _read_yaml(args.pipeline)
+    cfg, sweep = load_sweep(args.pipeline, args.overrides) if is_sweep else (load_config(args.pipeline, args.overrides), None)
+    print(f"# {args.pipeline} resolved{' with ' + ' '.join(args.overrides) if args.overrides else ''}; "
+          "* marks a value that is not the default")
+    print("\n".join(describe_config(cfg)))
+    if sweep is not None:
+        print("\n".join(describe_config(sweep, "sweep.")))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -105,6 +121,13 @@ def _bench(args: argparse.Namespace) -> int:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SelftrainError(f"bench --parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args.quick is None:
+        import torch
+
+        args.quick = not torch.cuda.is_available()
+        if args.quick:
+            print("bench: no GPU visible here, so the quick mode (small models and pools); "
+                  "--full forces the GPU-sized bench", flush=True)
     init_ray(args.num_cpus)  # before the clocks: Ray's start-up is not part of any measurement
     results = run_bench(args.quick, parts, args.tmp_dir, say=lambda line: print(line, flush=True))
     out = Path(args.out or f"runs/bench/bench-{results['mode']}.json")
@@ -117,6 +140,7 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selftrain", description="Noisy Student self-training on Ray, tracked in MLflow.")
+    parser.add_argument("--version", action="version", version=f"selftrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run", help="run a pipeline YAML (resumes when output_dir holds an unfinished run)",
@@ -131,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure scoring and training against bare PyTorch loops, and driver memory",
         description="Print, write as JSON and log to MLflow: scoring_ratio, training_ratio, "
                     "driver_rss_ratio on this machine. --quick takes a few minutes on a laptop.")
-    bench.add_argument("--quick", action="store_true", help="small models and pools (CPU laptop)")
+    bench.add_argument("--quick", action="store_true", default=None, help="small models and pools (CPU laptop)")
     bench.add_argument("--full", dest="quick", action="store_false",
-                       help="ResNet-50 at 224 px, pools of 100k and 1M files (the default)")
+                       help="ResNet-50 at 224 px, pools of 100k and 1M files (the default where a GPU is "
+                            "visible; without one, --quick is the default)")
     bench.add_argument("--parts", default="",
                        help="comma-separated subset of driver_memory,scoring,training,plumbing,consistency")
     bench.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-<mode>.json)")
@@ -141,19 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     bench.set_defaults(handler=_bench)
     _add_sweep_commands(commands)
+    config = commands.add_parser("config", help="show a pipeline's resolved config, every key documented")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show", help="every key: value, default, allowed range, description",
+        description="Print the resolved config of a pipeline or sweep YAML (after overrides): every key "
+                    "with its value, default, allowed range and description. Starts nothing.")
+    show.add_argument("pipeline", help="pipeline or sweep YAML")
+    show.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    show.set_defaults(handler=_config_show)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 failed (a bug: traceback), 2 usage or config/data error,
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM: `kill`, `ray job stop`)."""
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         return args.handler(args)
     except SelftrainError as exc:
         print(f"selftrain: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("selftrain: terminated (SIGTERM); re-run the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("selftrain: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

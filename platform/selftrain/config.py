@@ -9,6 +9,7 @@ range raises `ConfigError` naming the key and what is allowed.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +81,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    teacher: str = Field("resnet18", description="torchvision architecture of the first teacher")
+    teacher: str = Field("resnet18", description="architecture of the first teacher: a small-image one "
+                         "(cnn_tiny, cnn_small, wrn_28_2, wrn_28_8, resnet18_cifar) or a torchvision one (resnet18, ...)")
     students: list[str] = Field(
         default_factory=lambda: ["resnet18"],
         min_length=1,
@@ -511,3 +513,41 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+def _bounds(field: Any) -> str:
+    """A field's allowed range from its constraints (`ge=0, lt=1` -> `>= 0, < 1`) or Literal choices."""
+    import annotated_types as at
+
+    parts = []
+    for item in field.metadata:
+        for kind, attr, symbol in ((at.Ge, "ge", ">="), (at.Gt, "gt", ">"), (at.Le, "le", "<="),
+                                   (at.Lt, "lt", "<"), (at.MinLen, "min_length", "min length")):
+            if isinstance(item, kind):
+                parts.append(f"{symbol} {getattr(item, attr)}")
+    choices = [a for a in typing.get_args(field.annotation) if typing.get_origin(a) is Literal]
+    if typing.get_origin(field.annotation) is Literal:
+        choices = [field.annotation]
+    for literal in choices:
+        values = [str(v) for v in typing.get_args(literal)]
+        if not all(v in (field.description or "") for v in values):  # not already in the description
+            parts.append("one of " + ", ".join(values))
+    return "; ".join(parts)
+
+
+def describe_config(cfg: BaseModel, prefix: str = "") -> list[str]:
+    """Every key of a resolved config, dotted, as `key: value  # default ...; range; description`
+    (`selftrain config show`). Nested sections recurse; a value that differs from the default is
+    marked `*`."""
+    lines = []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            lines += describe_config(value, f"{key}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        notes = [f"default {default!r}"] + [n for n in (_bounds(field), field.description or "") if n]
+        changed = "*" if value != default else " "
+        lines.append(f"{changed} {key}: {value!r}  # " + "; ".join(notes))
+    return lines

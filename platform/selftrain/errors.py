@@ -34,3 +34,12 @@ class TrackingError(SelftrainError):
 
 class SweepError(SelftrainError):
     """A sweep could not produce a result (every trial failed)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, `kill`, a scheduler's preemption), raised in the main thread so
+    that cleanup runs as for Ctrl-C; the CLI exits 143 (128 + 15) for it, 130 for Ctrl-C."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"received signal {signum}")

@@ -36,7 +36,7 @@ from selftrain.stages.evaluate import evaluate
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, stats_record
 from selftrain.stages.score import score_pool
 from selftrain.stages.pool_index import index_pool
-from selftrain.stages.train import train_model, training_streams
+from selftrain.stages.train import MlflowEpochs, train_model, training_streams
 from selftrain.masking import redact, redact_tree
 from selftrain.tracking import Tracker
 
@@ -74,15 +74,15 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> d
     check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
     tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"})
     open_runs = [parent_id]
-    stage_seconds: dict[str, float] = {}
-
-    def timed(stage: str, compute: Callable[[], T]) -> T:
-        """`compute()`, its wall time added to `stage_seconds` (a resumed, recorded stage: ~0)."""
-        start = time.monotonic()
-        try:
+    def timed(stage: str, done_key: str, compute: Callable[[], T]) -> T:
+        """`compute()`; the wall time of the attempt that completes a stage is recorded in the
+        ledger beside its result, so a resumed run reports the same seconds for stages it skipped."""
+        if ledger.get(done_key):
             return compute()
-        finally:
-            stage_seconds[stage] = round(stage_seconds.get(stage, 0.0) + time.monotonic() - start, 1)
+        start = time.monotonic()
+        result = compute()
+        ledger.put(f"seconds/{stage}", round(time.monotonic() - start, 1))
+        return result
 
     with tracker.terminating(open_runs):
         tracker.log_params(parent_id, cfg.model_dump())
@@ -90,17 +90,22 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> d
         say(f"{len(sets.classes)} classes, {len(sets.labeled)} labeled, {len(sets.test)} test images; "
             f"pool: {paths.unlabeled}")
 
-        teacher = timed("teacher", lambda: train_stage(run, iteration=0, arch=cfg.model.teacher, pseudo=None))
-        baseline = timed("baseline", lambda: baseline_stage(run)) if cfg.baseline and cfg.teacher.online else None
+        teacher = timed("teacher", "iter0/result", lambda: train_stage(run, iteration=0, arch=cfg.model.teacher,
+                                                                        pseudo=None))
+        baseline = (timed("baseline", "baseline/result", lambda: baseline_stage(run))
+                    if cfg.baseline and cfg.teacher.online else None)
         results = [teacher]
         for iteration in range(1, cfg.iterations + 1):
-            scores = timed(f"iter{iteration}/scoring", lambda: score_stage(run, iteration, teacher))
-            pseudo = timed(f"iter{iteration}/pseudo_labels", lambda: pseudo_label_stage(run, iteration, teacher, scores))
-            student = timed(f"iter{iteration}/student", lambda: train_stage(
+            it = f"iter{iteration}"
+            scores = timed(f"{it}/scoring", f"{it}/scores", lambda: score_stage(run, iteration, teacher))
+            pseudo = timed(f"{it}/pseudo_labels", f"{it}/pseudo_labels",
+                           lambda: pseudo_label_stage(run, iteration, teacher, scores))
+            student = timed(f"{it}/student", f"{it}/result", lambda: train_stage(
                 run, iteration, cfg.model.student(iteration), pseudo, teacher["model_dir"]))
             results.append(student)
             teacher = student
 
+        stage_seconds = {k.split("/", 1)[1]: v for k, v in ledger.state["records"].items() if k.startswith("seconds/")}
         summary = _summarize(run, results, baseline, stage_seconds)
         tracker.log_metrics(parent_id, {"eval/final_accuracy": summary["final_test_accuracy"],
                                         "eval/teacher_accuracy": results[0]["test_accuracy"],
@@ -251,8 +256,13 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
             + (f"; {pool['rows']} unlabeled pool images every pass)" if pool else ")"))
     streams = training_streams(cfg, method, run.sets.labeled, len(classes), pseudo, pool)
     spec = {"num_classes": len(classes), "classes": classes, "image_size": cfg.data.image_size}
+    # Each epoch's metrics reach MLflow when the epoch ends (live curves); the history is logged
+    # again afterwards, which adds nothing twice (one value per key and step) and fills any gap a
+    # restarted controller left.
+    live = MlflowEpochs(run.tracker.uri, cfg.name, child) if child else None
     trained = train_model(cfg, f"{key}-{role}", arch, streams, spec, student=pseudo is not None,
-                          out_dir=run.out / key, seed=run.seed(iteration), teacher_dir=teacher_dir)
+                          out_dir=run.out / key, seed=run.seed(iteration), teacher_dir=teacher_dir,
+                          callbacks=[live] if live else None)
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
 

@@ -31,10 +31,11 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from selftrain.errors import TrackingError
+from selftrain.errors import TrackingError, raise_terminated
 from selftrain.masking import redact, redact_tree
 
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
 # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) take minutes to give up on
 # a dead server; these give up in seconds. The user's own MLFLOW_HTTP_* settings win.
@@ -82,7 +83,10 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        # Marked as model training, so MLflow 3's UI opens it on the runs table (an unmarked
+        # experiment without runs yet opens on the GenAI traces view).
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         self.failure: str | None = None  # the first error once the store stopped answering
         self.not_logged: dict[str, list[str]] = defaultdict(list)  # kind -> names of what was lost
 
@@ -197,7 +201,7 @@ class Tracker:
         main = threading.current_thread() is threading.main_thread()
         previous = signal.getsignal(signal.SIGTERM) if main else None
         if main:
-            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+            signal.signal(signal.SIGTERM, raise_terminated)
         try:
             yield
         except KeyboardInterrupt:
@@ -247,5 +251,3 @@ def _use_short_http_retries() -> None:
         os.environ.setdefault(key, value)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"received signal {signum}")

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 PARQUET_ROW = "#row="  # a Parquet pool's row id: `<file>#row=<n>`
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "jfif", "bmp", "gif", "tif", "tiff", "webp", "avif", "ppm", "pgm")
 
 
 class ImageDecodeError(ValueError):

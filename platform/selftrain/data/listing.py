@@ -169,12 +169,30 @@ def list_top_level(row: dict[str, Any], location: PoolLocation) -> list[dict[str
     return [{"folder": f, "files": []} for f in folders] + [{"folder": "", "files": c} for c in chunks]
 
 
+def skip_reason(path: str, kind: str) -> str:
+    """Why a listed file is not read into a pool of `kind` ("" when it is read)."""
+    found = kind_of(path)
+    if found == kind:
+        return ""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith((".", "_")):
+        return "skipped: hidden or marker file"
+    if found == PARQUET:
+        return "skipped: a Parquet file in a pool of image files (a pool is read as one kind)"
+    if found == "image":
+        return "skipped: an image file in a pool of Parquet files (a pool is read as one kind)"
+    extension = f"'.{name.rsplit('.', 1)[-1]}'" if "." in name else "none"
+    return f"skipped: unsupported extension {extension} (images: {', '.join(IMAGE_EXTENSIONS)}; or parquet)"
+
+
 def list_below(row: dict[str, Any], location: PoolLocation, kind: str) -> list[dict[str, Any]]:
-    """Ray task: every wanted file of `kind` in a sub-folder's tree, or in a chunk of files."""
+    """Ray task: every wanted file in a sub-folder's tree, or in a chunk of files, as `{file,
+    skip}`; `skip` says why a file that is not of the pool's `kind` is not read, so that every
+    file the user pointed at is either read or counted and named."""
     if row["folder"]:
         selector = pafs.FileSelector(row["folder"], recursive=True)
         paths = sorted(i.path for i in location.filesystem.get_file_info(selector)
                        if i.type == pafs.FileType.File)
     else:
         paths = list(row["files"])
-    return [{"file": p} for p in paths if kind_of(p) == kind and wanted(location, p)]
+    return [{"file": p, "skip": skip_reason(p, kind)} for p in paths if wanted(location, p)]

@@ -46,8 +46,11 @@ def _read_files(batch: dict[str, Any], location: PoolLocation) -> dict[str, Any]
     """`{file}` -> `{path, bytes, error}`; a file that cannot be read keeps its row and reason."""
     paths = list(batch["file"])
     data = np.empty(len(paths), dtype=object)
-    errors = np.full(len(paths), "", dtype=object)
+    errors = np.array(list(batch["skip"]), dtype=object)  # files listed but not read: their reason
     for i, path in enumerate(paths):
+        if errors[i]:
+            data[i] = b""
+            continue
         try:
             data[i] = _read_bytes(location.filesystem, path)
         except OSError as exc:
@@ -56,8 +59,13 @@ def _read_files(batch: dict[str, Any], location: PoolLocation) -> dict[str, Any]
 
 
 def _read_parquet_rows(batch: dict[str, Any], location: PoolLocation, column: str) -> Iterator[dict[str, Any]]:
-    """One Parquet file per call, streamed in record batches (never a whole file in memory)."""
-    for file in batch["file"]:
+    """One Parquet file per call, streamed in record batches (never a whole file in memory); a
+    listed file that is not Parquet is one row with its reason."""
+    for file, skip in zip(batch["file"], batch["skip"]):
+        if skip:
+            yield {"path": np.array([location.pool_id(file)], dtype=object),
+                   "bytes": np.array([b""], dtype=object), "error": np.array([skip], dtype=object)}
+            continue
         with location.filesystem.open_input_file(file) as handle:
             offset = 0
             for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=ROWS_PER_READ_TASK, columns=[column]):

@@ -129,7 +129,8 @@ def _bench(args: argparse.Namespace) -> int:
             print("bench: no GPU visible here, so the quick mode (small models and pools); "
                   "--full forces the GPU-sized bench", flush=True)
     init_ray(args.num_cpus)  # before the clocks: Ray's start-up is not part of any measurement
-    results = run_bench(args.quick, parts, args.tmp_dir, say=lambda line: print(line, flush=True))
+    results = run_bench(args.quick, parts, args.tmp_dir, say=lambda line: print(line, flush=True),
+                        repeats=args.repeats)
     out = Path(args.out or f"runs/bench/bench-{results['mode']}.json")
     run_id = record(results, out, " ".join(["selftrain", *sys.argv[1:]]))
     print(table(results))
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "visible; without one, --quick is the default)")
     bench.add_argument("--parts", default="",
                        help="comma-separated subset of driver_memory,scoring,training,plumbing,consistency")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="runs of each part with a goal; the median is reported, with min and max (default 3)")
     bench.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-<mode>.json)")
     bench.add_argument("--tmp-dir", default=None, help="where generated pools go (deleted afterwards)")
     bench.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")

@@ -35,6 +35,15 @@ def _train_worker_pids() -> set[int]:
     return {a.pid for a in alive}
 
 
+def _latest_checkpoint(storage: Path) -> str | None:
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return None
+    return latest["checkpoint_dir_name"] if latest else None
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,10 +57,10 @@ def _wait_for(predicate, timeout: float, what: str):
 def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, digits, tmp_path):
     """SIGKILL the Ray Train worker once its first checkpoint is committed: Ray Train starts a new
     worker, the loop resumes after that checkpoint, and every epoch is in the history once."""
-    epochs = 6
+    epochs = 4
     cfg = load_config(str(REPO / "pipelines" / "fixmatch.yaml"), [
         "teacher.method=supervised", "model.teacher=cnn_tiny", f"train.teacher_epochs={epochs}",
-        "train.steps_per_epoch=150", "train.max_failures=1", "train.checkpoint_every=1",
+        "train.steps_per_epoch=60", "train.max_failures=1", "train.checkpoint_every=1",
         f"output_dir={tmp_path}"])
     sets = load_labeled_sets(digits.labeled, digits.test, cfg.data.image_size)
     streams = training_streams(cfg, cfg.teacher, sets.labeled, len(sets.classes), None, None)
@@ -69,8 +78,10 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray
     thread = threading.Thread(target=fit)
     thread.start()
     storage = out.parent / "ray_train" / "fault"
-    first = _wait_for(lambda: sorted(storage.glob("checkpoint_*/history.json")), 240, "the first committed checkpoint")
-    saved = json.loads(first[0].read_text())  # the epochs that checkpoint holds
+    # Committed = registered by the controller (in its snapshot), not merely written: a worker
+    # killed between the upload and the registration restarts from scratch, as it should.
+    committed = _wait_for(lambda: _latest_checkpoint(storage), 240, "the first committed checkpoint")
+    saved = json.loads((storage / committed / "history.json").read_text())  # the epochs it holds
     victims = _wait_for(_train_worker_pids, 30, "a live RayTrainWorker")
     assert len(victims) == 1
     victim = victims.pop()

@@ -73,7 +73,9 @@ def test_file_uri_pool_lists_nested_folders_and_globs(ray_session, tmp_path):
         reasons = dict(zip(rows.loc[rows["error"] != "", "path"], rows.loc[rows["error"] != "", "error"]))
         assert sorted(reasons) == sorted(skipped)
         assert all(reasons[path].startswith(why) for path, why in skipped.items())
-    assert _paths(read_pool(f"file://{root}/**/*.png", "image", None)) == [str(root / "a/1.png"), str(root / "top.png")]
+    globbed = read_pool(f"file://{root}/**/*.png", "image", None).select_columns(["path", "error"]).to_pandas()
+    assert sorted(globbed.loc[globbed["error"] == "", "path"]) == [str(root / "a/1.png"), str(root / "top.png")]
+    assert globbed.loc[globbed["error"] != "", "path"].tolist() == [str(root / "c/.hidden.png")]  # named
     assert _paths(read_pool(f"{root}/a/*", "image", None)) == [str(root / "a/1.png"), str(root / "a/_SUCCESS")]
     rows = read_pool(f"file://{root}/a/b/2.jpg", "image", None).to_pandas()
     assert rows["path"].tolist() == [str(root / "a/b/2.jpg")] and rows["bytes"][0] == GOOD
@@ -119,7 +121,8 @@ def test_a_pool_found_empty_only_by_the_pass_stops(ray_session, tmp_path, model_
     monkeypatch.setattr(listing, "PROBE_LIMIT", 2)
     _tree(tmp_path / "pool", {f"d{i}/notes{i}.txt": b"x" for i in range(4)})
     pool = read_pool(str(tmp_path / "pool"), "image", None)
-    with pytest.raises(DataError, match=r"data.unlabeled=.+/pool: the pool holds no image files"):
+    with pytest.raises(DataError, match=r"data.unlabeled=.+/pool: the pool holds no image files \(nothing was "
+                                        r"scored; 4 other files were skipped"):
         score_pool(pool, model_dir, ScoringConfig(), 8, tmp_path / "out",
                    pool_name=f"data.unlabeled={tmp_path / 'pool'}")
 

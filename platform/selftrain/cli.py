@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selftrain import __version__
-from selftrain.errors import SelftrainError, Terminated, raise_terminated
+from selftrain.errors import SIGTERM_RECEIVED, SelftrainError, Terminated, raise_terminated
 from selftrain.fsio import OutputLock
 from selftrain.masking import redact
 
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 failed (a bug: traceback), 2 usage or config/data error,
     130 interrupted (Ctrl-C), 143 terminated (SIGTERM: `kill`, `ray job stop`)."""
     args = build_parser().parse_args(argv)
+    SIGTERM_RECEIVED.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
@@ -192,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except SelftrainError as exc:
         print(f"selftrain: error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("selftrain: terminated (SIGTERM); re-run the same command to resume", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`, or Ray's re-raise of it)
+        if isinstance(exc, Terminated) or SIGTERM_RECEIVED.is_set():
+            print("selftrain: terminated (SIGTERM); re-run the same command to resume", file=sys.stderr)
+            return 143
         print("selftrain: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     finally:

@@ -3,6 +3,8 @@
 The CLI prints these as one clear message without a traceback; anything else is a bug.
 """
 
+import threading
+
 
 class SelftrainError(Exception):
     """Base class of errors caused by the user's input or data, not by our code."""
@@ -41,5 +43,11 @@ class Terminated(KeyboardInterrupt):
     that cleanup runs as for Ctrl-C; the CLI exits 143 (128 + 15) for it, 130 for Ctrl-C."""
 
 
+# Set by the handler: Ray (`ray.get`, Ray Train's `fit`) may catch the raised `Terminated` and
+# raise a plain KeyboardInterrupt of its own on the way out, so the CLI checks this flag too.
+SIGTERM_RECEIVED = threading.Event()
+
+
 def raise_terminated(signum: int, frame: object) -> None:
+    SIGTERM_RECEIVED.set()
     raise Terminated(f"received signal {signum}")

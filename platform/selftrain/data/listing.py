@@ -26,6 +26,7 @@ from selftrain.errors import DataError
 PARQUET = "parquet"
 PROBE_LIMIT = 10_000  # entries the driver may look at to classify the pool (bounded, not O(pool))
 FILES_PER_ROW = 512  # top-level files travel in chunks, so a flat folder is not one row per file
+SKIPPED = "skipped: "  # the error of a listed file that is not read (see `skip_reason`)
 
 
 @dataclass(frozen=True)
@@ -176,13 +177,13 @@ def skip_reason(path: str, kind: str) -> str:
         return ""
     name = path.rsplit("/", 1)[-1]
     if name.startswith((".", "_")):
-        return "skipped: hidden or marker file"
+        return SKIPPED + "hidden or marker file"
     if found == PARQUET:
-        return "skipped: a Parquet file in a pool of image files (a pool is read as one kind)"
+        return SKIPPED + "a Parquet file in a pool of image files (a pool is read as one kind)"
     if found == "image":
-        return "skipped: an image file in a pool of Parquet files (a pool is read as one kind)"
+        return SKIPPED + "an image file in a pool of Parquet files (a pool is read as one kind)"
     extension = f"'.{name.rsplit('.', 1)[-1]}'" if "." in name else "none"
-    return f"skipped: unsupported extension {extension} (images: {', '.join(IMAGE_EXTENSIONS)}; or parquet)"
+    return f"{SKIPPED}unsupported extension {extension} (images: {', '.join(IMAGE_EXTENSIONS)}; or parquet)"
 
 
 def list_below(row: dict[str, Any], location: PoolLocation, kind: str) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from ray.data import ActorPoolStrategy
 from selftrain.config import ScoringConfig
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch, load_batch
+from selftrain.data.listing import SKIPPED
 from selftrain.errors import DataError
 from selftrain.methods.pseudo_label import confidence
 from selftrain.training.loop import load_model
@@ -246,8 +247,10 @@ def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image
 
 
 def _count(batch: pd.DataFrame) -> pd.DataFrame:
-    bad = batch[batch["error"] != ""].head(EXAMPLES)
+    skipped = batch["error"].str.startswith(SKIPPED)
+    bad = batch[(batch["error"] != "") & ~skipped].head(EXAMPLES)
     return pd.DataFrame([{"rows": len(batch), "rejected": int((batch["error"] != "").sum()),
+                          "skipped": int(skipped.sum()),
                           "examples": [f"{p} ({r})" for p, r in zip(bad["path"], bad["error"])]}])
 
 
@@ -259,17 +262,22 @@ def check_scores(scores_dir: str, max_rejected_fraction: float, pool_name: str) 
     written = Path(scores_dir)
     if not written.is_dir() or not any(written.glob("*.parquet")):
         raise DataError(f"{pool_name}: the pool holds no image files (nothing was scored)")
-    rows, rejected, examples = 0, 0, []
+    rows, rejected, skipped, examples = 0, 0, 0, []
     parts = ray.data.read_parquet(scores_dir).select_columns(["path", "error"]).map_batches(
         _count, batch_format="pandas")
     for part in parts.iter_rows():  # one small row per block
         rows, rejected = rows + int(part["rows"]), rejected + int(part["rejected"])
+        skipped += int(part["skipped"])
         examples = (examples + list(part["examples"]))[:EXAMPLES]
-    if rows == 0:
-        raise DataError(f"{pool_name}: the pool holds no image files (nothing was scored)")
-    if rejected / rows > max_rejected_fraction:
+    if rows - skipped == 0:
+        raise DataError(f"{pool_name}: the pool holds no image files (nothing was scored"
+                        + (f"; {skipped} other files were skipped: see the scores' error column)" if skipped else ")"))
+    # Files skipped for what they are (not images, hidden) are counted and named, but only images
+    # that fail to read or decode count against the limit.
+    unreadable, images = rejected - skipped, rows - skipped
+    if unreadable / images > max_rejected_fraction:
         raise DataError(
-            f"{pool_name}: {rejected} of {rows} pool files ({rejected / rows:.1%}) are unreadable, "
+            f"{pool_name}: {unreadable} of {images} pool images ({unreadable / images:.1%}) are unreadable, "
             f"more than scoring.max_rejected_fraction={max_rejected_fraction}; e.g. "
             + "; ".join(examples) + f". The scores are kept in {scores_dir}. Fix the pool, or raise "
             "scoring.max_rejected_fraction to go on without those files."

@@ -135,7 +135,7 @@ def test_a_mostly_unreadable_pool_stops_naming_examples_and_keeps_the_scores(ray
         score_pool(read_pool(pool, "image", None), model_dir, ScoringConfig(max_rejected_fraction=0.5),
                    8, tmp_path / "strict")
     message = str(caught.value)
-    assert "3 of 5 pool files (60.0%) are unreadable, more than scoring.max_rejected_fraction=0.5" in message
+    assert "3 of 5 pool images (60.0%) are unreadable, more than scoring.max_rejected_fraction=0.5" in message
     assert all(path in message for path in bad) and "empty file" in message
     kept = pd.read_parquet(tmp_path / "strict" / "scores")
     assert len(kept) == 5 and (kept["error"] != "").sum() == 3

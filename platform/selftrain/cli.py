@@ -98,6 +98,20 @@ def _add_sweep_commands(commands: Any) -> None:
     compare.set_defaults(handler=_compare)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from selftrain.config import ScoringConfig
+    from selftrain.ray_runtime import init_ray
+
+    cfg = ScoringConfig(batch_size=args.batch_size, max_rejected_fraction=args.max_rejected_fraction)
+    init_ray(args.num_cpus)
+    from selftrain.stages.predict import predict  # heavy: torch, Ray Data
+
+    result = predict(args.model, args.data, str(Path(args.out).resolve()), cfg, args.parquet_column)
+    print(f"predicted {result['files'] - result['unreadable']} images ({result['unreadable']} unreadable or "
+          f"skipped, named in the error column) into {result['out']}; classes: {', '.join(result['classes'])}")
+    return 0
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from selftrain.config import _read_yaml, describe_config, load_config, load_sweep
 
@@ -169,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     bench.set_defaults(handler=_bench)
     _add_sweep_commands(commands)
+    predict = commands.add_parser(
+        "predict", help="label images with a trained model (Ray Data, the scoring path) into Parquet",
+        description="One row per file of DATA: path, class, class_index, confidence, probabilities, error "
+                    "(unreadable files keep their row and reason). MODEL: a model folder "
+                    "(<output_dir>/iter1/model), an MLflow run id, or runs:/<run id>/model. DATA: a folder "
+                    "tree, a glob, Parquet, or a URI, as data.unlabeled.")
+    predict.add_argument("model")
+    predict.add_argument("data")
+    predict.add_argument("--out", required=True, help="Parquet folder to write (read with pandas.read_parquet)")
+    predict.add_argument("--batch-size", type=int, default=256)
+    predict.add_argument("--max-rejected-fraction", type=float, default=1.0,
+                         help="fail when more than this share of the images is unreadable (default 1: never)")
+    predict.add_argument("--parquet-column", default="image", help="image-bytes column of a Parquet DATA")
+    predict.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    predict.set_defaults(handler=_predict)
     config = commands.add_parser("config", help="show a pipeline's resolved config, every key documented")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser(

@@ -1,0 +1,90 @@
+"""`selftrain predict`: label new images with a trained model, through the scoring path.
+
+The same Ray Data pipeline as the teacher's pass over the pool (`score`: listed and read in
+tasks, decoded per file, an actor pool on the GPUs when present), then one row per image with
+its class name, confidence and class probabilities. Unreadable files keep their row and reason.
+
+MODEL is a model folder (`<output_dir>/iter<i>/model`: `model.pt` + `model.json`), an MLflow run
+id of a trained model (its `model` artifact), or `runs:/<run id>/model`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from selftrain.config import ScoringConfig
+from selftrain.data.pool import read_pool
+from selftrain.errors import ConfigError
+from selftrain.stages.score import check_scores, score
+from selftrain.training.loop import SPEC_FILE, load_model
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_model(model: str, download_root: str) -> str:
+    """A local model folder for MODEL (a folder, an MLflow run id, or `runs:/<id>/<path>`)."""
+    if Path(model).is_dir():
+        if not (Path(model) / SPEC_FILE).exists():
+            raise ConfigError(f"MODEL {model}: no {SPEC_FILE} in this folder; point at a model folder "
+                              "such as <output_dir>/iter1/model")
+        return model
+    run_id, artifact = None, "model"
+    if _RUN_ID.match(model):
+        run_id = model
+    elif model.startswith("runs:/"):
+        run_id, _, artifact = model[len("runs:/"):].partition("/")
+        artifact = artifact or "model"
+    if run_id is None:
+        raise ConfigError(f"MODEL {model}: not a model folder, an MLflow run id or runs:/<run id>/model "
+                          "(registered models: not supported yet)")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from selftrain.tracking import check_tracking_store, tracking_uri
+
+    check_tracking_store()  # a dead store fails in seconds, naming it
+    try:
+        local = MlflowClient(tracking_uri()).download_artifacts(run_id, artifact, download_root)
+    except MlflowException as exc:
+        raise ConfigError(f"MODEL {model}: MLflow has no artifact {artifact!r} for run {run_id}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if not (Path(local) / SPEC_FILE).exists():
+        raise ConfigError(f"MODEL {model}: the artifact {artifact!r} of run {run_id} is not a model folder")
+    return local
+
+
+def _probabilities(batch: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    logits = np.stack(batch["logits"].to_numpy()).astype(np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    ok = (batch["error"] == "").to_numpy()
+    names = np.array(classes, dtype=object)
+    return pd.DataFrame({
+        "path": batch["path"],
+        "class": np.where(ok, names[np.clip(batch["prediction"].to_numpy(), 0, None)], None),
+        "class_index": np.where(ok, batch["prediction"].to_numpy(), -1),
+        "confidence": np.where(ok, probs.max(axis=1), 0.0).astype(np.float32),
+        "probabilities": [list(p.astype(np.float32)) if good else [] for p, good in zip(probs, ok)],
+        "error": batch["error"],
+    })
+
+
+def predict(model: str, data: str, out: str, cfg: ScoringConfig, parquet_column: str = "image") -> dict[str, Any]:
+    """Write `{path, class, class_index, confidence, probabilities, error}` for every file of
+    `data` to the Parquet folder `out`; returns counts."""
+    with tempfile.TemporaryDirectory(prefix="selftrain-predict-") as tmp:
+        model_dir = resolve_model(model, tmp)
+        _, spec = load_model(model_dir)
+        classes = spec.get("classes") or [str(c) for c in range(spec["num_classes"])]
+        rows = read_pool(data, parquet_column, None)
+        scored = score(rows, model_dir, cfg, spec["image_size"], from_paths=False)
+        scored.map_batches(_probabilities, fn_kwargs={"classes": classes}, batch_format="pandas",
+                           num_cpus=0.5).write_parquet(out, ray_remote_args={"num_cpus": 0.5})
+    images, rejected = check_scores(out, cfg.max_rejected_fraction, f"DATA {data}")
+    return {"out": out, "files": images, "unreadable": rejected, "classes": classes}

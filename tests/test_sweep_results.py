@@ -89,3 +89,21 @@ def test_sweep_table_when_no_trial_left_a_final_model_and_mlflow_went_away():
     assert "test accuracy none (ASHA stopped every trial early" in text
     assert text.index("0.7200") < text.index("0.6100")  # best first
     assert text.endswith("not logged: 3 tags")
+
+
+def test_a_finished_trials_leftover_placement_group_is_removed(ray_session, tmp_path):
+    """What a trial stopped by ASHA leaves reserved (ray issue 54305) is given back, once."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from selftrain.sweep import release_placement_groups
+
+    group = placement_group([{"CPU": 0.5}])
+    ray.get(group.ready(), timeout=60)
+    record = tmp_path / "placement_groups.txt"
+    record.write_text(group.id.hex() + "\n" + group.id.hex() + "\n")  # a restarted worker group writes again
+    assert placement_group_table()[group.id.hex()]["state"] == "CREATED"
+    assert release_placement_groups(record) == [group.id.hex()]
+    assert placement_group_table()[group.id.hex()]["state"] == "REMOVED"
+    assert release_placement_groups(record) == []  # already gone: nothing to do
+    assert release_placement_groups(tmp_path / "none.txt") == []

@@ -37,6 +37,7 @@ from selftrain.tracking import Tracker
 
 TRIAL_TAG = "selftrain.trial_id"
 TRIAL_FILE = "trial.json"
+PLACEMENT_GROUPS_FILE = "placement_groups.txt"  # Ray Train's, removed by the sweep when the trial ends
 
 
 @dataclass
@@ -107,6 +108,7 @@ class _Trial:
         cfg, shared = self.cfg, self.shared
         streams = training_streams(cfg, cfg.teacher, shared.train, len(shared.classes), None, shared.pool_index)
         trained = train_model(cfg, "teacher", cfg.model.teacher, streams, self._spec(),
+                              placement_group_file=self.out / PLACEMENT_GROUPS_FILE,
                               student=False, out_dir=self.out / "iter0", seed=cfg.seed * 1000)
         return {"model": cfg.model.teacher, "model_dir": trained.model_dir}
 
@@ -132,7 +134,7 @@ class _Trial:
         logger = MlflowEpochs(shared.tracking_uri, cfg.name, self.run_id, step_offset=epochs_before)
         trained = train_model(cfg, f"iter{iteration}-student", arch, streams, self._spec(), student=True, out_dir=self.out / f"iter{iteration}", seed=seed,
                               validation=shared.validation, callbacks=[TuneReportCallback(), logger],
-                              teacher_dir=teacher_dir)
+                              teacher_dir=teacher_dir, placement_group_file=self.out / PLACEMENT_GROUPS_FILE)
         return trained.model_dir
 
     def _spec(self) -> dict[str, Any]:

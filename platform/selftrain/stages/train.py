@@ -176,6 +176,7 @@ def train_model(
     cfg: PipelineConfig, name: str, arch: str, streams: Streams,
     spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
     validation: pd.DataFrame | None = None, callbacks: list[Any] | None = None, teacher_dir: str | None = None,
+    placement_group_file: Path | None = None,
 ) -> TrainedModel:
     """Fit `arch` by `cfg.students` (a student) or `cfg.teacher` and copy the final model to
     `out_dir/model`. Re-running resumes the same Ray Train run (same name and storage) from its
@@ -183,7 +184,8 @@ def train_model(
 
     `validation` (`path`, `label`) adds `val/accuracy` to every epoch's report; `callbacks` are
     Ray Train `UserCallback`s (a sweep passes Tune's report callback and an MLflow logger);
-    a student starts from `teacher_dir`'s weights when `train.student_init` is `teacher`."""
+    a student starts from `teacher_dir`'s weights when `train.student_init` is `teacher`;
+    `placement_group_file` collects the worker group's placement group id (see `sweep.py`)."""
     dropout = cfg.noise.dropout if student else cfg.train.teacher_dropout
     method = cfg.students if student else cfg.teacher
     loop_config = {
@@ -199,6 +201,7 @@ def train_model(
         "checkpoint_every": cfg.train.checkpoint_every,
         "torch_threads": cfg.train.torch_threads,
         "final_model_dir": str(out_dir / "model"),
+        "placement_group_file": str(placement_group_file) if placement_group_file else None,
         "validation": None if validation is None else {
             "paths": validation["path"].tolist(), "labels": validation["label"].tolist(),
             "parquet_column": cfg.data.parquet_image_column},

@@ -236,6 +236,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                        pool_size=config.get("pool_rows"))
     method.setup(model)
 
+    if rank == 0 and config.get("placement_group_file"):
+        _record_placement_group(Path(config["placement_group_file"]))
     checkpoint = ray.train.get_checkpoint()
     state = None
     if config.get("init_model_dir") and not checkpoint:  # a student warm-started from its teacher
@@ -321,6 +323,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if start_epoch >= config["epochs"]:  # restored after the last epoch: report it again
         _report(history[-1], rank, model, method, optimizer, scheduler, config["epochs"] - 1, history, spec, True)
+
+
+def _record_placement_group(path: Path) -> None:
+    """Append this worker group's placement group id to `path`. A Tune trial that ASHA stops
+    leaves its Ray Train placement group reserved in Ray 2.60 (ray issue 54305: the controller
+    outlives the stopped trial), so the sweep removes the ids a finished trial recorded."""
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(group.id.hex() + "\n")
 
 
 def _batch(train: dict[str, torch.Tensor], pool: dict[str, torch.Tensor] | None, channels_last: bool) -> Batch:

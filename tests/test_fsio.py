@@ -81,8 +81,11 @@ def test_the_lock_is_reentrant_within_one_process(tmp_path):
 
 
 def test_cli_refuses_a_busy_output_dir_before_starting_ray(tmp_path, capsys):
+    import ray
+
     from selftrain.cli import main
 
+    started_before = ray.is_initialized()  # other tests of the session may have started it
     proc = _holder(tmp_path / "out")
     try:
         code = main(["run", str(REPO / "pipelines" / "fixmatch_smoke.yaml"), f"output_dir={tmp_path / 'out'}"])
@@ -91,8 +94,7 @@ def test_cli_refuses_a_busy_output_dir_before_starting_ray(tmp_path, capsys):
         proc.wait()
     assert code == 2
     assert f"pid {proc.pid}" in capsys.readouterr().err
-    import ray
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == started_before  # refused before init_ray
 
 
 def test_a_run_that_fails_validating_its_data_leaves_no_ledger(tmp_path, mlflow_store):

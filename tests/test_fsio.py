@@ -160,3 +160,12 @@ def test_data_credentials_never_reach_mlflow_the_ledger_or_the_console(tmp_path,
     assert main(["run", SECRET_URI + "/pipeline.yaml"]) == 2  # an error that quotes the URI (as a path: one slash)
     err = capsys.readouterr().err
     assert "AKIAEXAMPLE:***@bucket" in err and "topsecret" not in err
+
+
+def test_a_lock_that_made_the_output_dir_removes_it_when_nothing_was_written(tmp_path):
+    with OutputLock(tmp_path / "new", "run"):
+        pass
+    assert not (tmp_path / "new").exists()  # a failed start leaves nothing behind
+    with OutputLock(tmp_path / "kept", "run"):
+        (tmp_path / "kept" / "state.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [LOCK_FILE, "state.json"]

@@ -82,11 +82,13 @@ class OutputLock:
         self.directory = Path(directory).expanduser().resolve()
         self.kind = kind
         self._handle: IO[str] | None = None
+        self._created = False
 
     def acquire(self) -> OutputLock:
         if self.directory in _HELD:
             _HELD[self.directory] += 1
             return self
+        self._created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / LOCK_FILE
         handle = open(path, "a+")  # never truncates what the holder wrote before we know we hold it
@@ -115,6 +117,11 @@ class OutputLock:
         _HELD.pop(self.directory, None)
         if self._handle is not None:
             self._handle.truncate(0)  # a stale holder line would mislead nobody, but keep it clean
+            # A run that failed before writing anything (Ray unreachable, bad input) leaves no
+            # output_dir behind if it made it.
+            if self._created and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
+                (self.directory / LOCK_FILE).unlink()
+                self.directory.rmdir()
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None

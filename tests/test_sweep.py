@@ -43,10 +43,10 @@ def test_every_trial_reuses_the_one_teacher_pass_and_reports_validation_accuracy
     trials = summary["trials"]
     assert sorted(t["params"]["pseudo_label.threshold"] for t in trials) == [0.0, 0.5]
     assert all(t["status"] == "completed" and t["epochs"] == 2 and t["teacher_scoring_passes"] == 0 for t in trials)
-    assert all(0.0 <= t["objective"] <= 1.0 for t in trials)
+    assert all(t["objective"] >= 0.3 for t in trials)  # 10 validation images; chance is 0.1
     best = max(trials, key=lambda t: t["objective"])
     assert summary["best_trial"] == best["trial_id"] and summary["best_val_accuracy"] == best["objective"]
-    assert 0.0 <= summary["best_test_accuracy"] <= 1.0
+    assert summary["best_test_accuracy"] >= 0.5  # 450 test images; chance is 0.1
     assert summary["labeled_train_images"] == 40  # 5 per class, 1 per class held out for validation
 
 

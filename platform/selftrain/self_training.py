@@ -74,6 +74,7 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> d
     check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
     tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"})
     open_runs = [parent_id]
+
     def timed(stage: str, done_key: str, compute: Callable[[], T]) -> T:
         """`compute()`; the wall time of the attempt that completes a stage is recorded in the
         ledger beside its result, so a resumed run reports the same seconds for stages it skipped."""
@@ -229,7 +230,8 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
         run.open_runs.append(child)
         run.tracker.reopen(child)
     else:
-        child = run.tracker.start_run(f"{key}-{arch}" if role == "baseline" else f"{key}-{role}-{arch}", parent_id=run.parent_id,
+        name = f"{key}-{arch}" if role == "baseline" else f"{key}-{role}-{arch}"
+        child = run.tracker.start_run(name, parent_id=run.parent_id,
                                       tags={"selftrain.iteration": str(iteration), "selftrain.role": role})
         run.open_runs.append(child)
         run.ledger.put(f"{key}/mlflow_run_id", child)

@@ -10,6 +10,7 @@ id of a trained model (its `model` artifact), or `runs:/<run id>/model`.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from selftrain.config import ScoringConfig
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError
 from selftrain.stages.score import check_scores, score
-from selftrain.training.loop import SPEC_FILE, load_model
+from selftrain.training.loop import SPEC_FILE
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -80,7 +81,7 @@ def predict(model: str, data: str, out: str, cfg: ScoringConfig, parquet_column:
     `data` to the Parquet folder `out`; returns counts."""
     with tempfile.TemporaryDirectory(prefix="selftrain-predict-") as tmp:
         model_dir = resolve_model(model, tmp)
-        _, spec = load_model(model_dir)
+        spec = json.loads((Path(model_dir) / SPEC_FILE).read_text())  # the actors build the model
         classes = spec.get("classes") or [str(c) for c in range(spec["num_classes"])]
         rows = read_pool(data, parquet_column, None)
         scored = score(rows, model_dir, cfg, spec["image_size"], from_paths=False)

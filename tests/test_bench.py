@@ -60,6 +60,24 @@ def test_consistency_runs_every_fixmatch_step_on_both_sides_and_reports_their_ra
     assert "5. FixMatch steps, Ray Train 1 worker vs bare" in table(results)
 
 
+def test_pretrain_runs_every_simclr_step_on_both_sides_and_reports_their_ratio(ray_session):
+    from selftrain.bench.pretrain import materialised_views, run_pretrain, two_views
+
+    view0, view1 = two_views(40, 8)
+    rows = materialised_views(view0, view1).take_batch(40)  # Ray holds exactly the bare loop's view pairs
+    pairs = sorted(a.tobytes() + b.tobytes() for a, b in zip(rows["view0"], rows["view1"], strict=True))
+    assert pairs == sorted(a.tobytes() + b.tobytes() for a, b in zip(view0, view1, strict=True))
+    result = run_pretrain("simclr", "cnn_tiny", count=48, size=8, epochs=3, batch_size=16, cpus=1.0, use_gpu=False)
+    assert result["steps_per_epoch"] == 3
+    assert len(result["ray_train_steps_per_s_by_epoch"]) == len(result["bare_steps_per_s_by_epoch"]) == 3
+    assert result["ray_train_steps_per_s"] == pytest.approx(np.mean(result["ray_train_steps_per_s_by_epoch"][1:]))
+    assert result["pretrain_ratio"] == pytest.approx(result["ray_train_steps_per_s"] / result["bare_steps_per_s"])
+    results = {"mode": "quick", "device": "CPU", "pretrain": result}
+    results["ratios"] = ratios(results)
+    assert results["ratios"] == {"pretrain_ratio": result["pretrain_ratio"]}
+    assert "6. SimCLR steps, Ray Train 1 worker vs bare" in table(results)
+
+
 def test_each_ratio_is_the_median_of_repeats_with_its_own_run_and_the_spread_in_the_table():
     runs = iter([{"pipeline_images_per_s": 80.0, "bare_images_per_s": 100.0, "scoring_ratio": 0.80},
                  {"pipeline_images_per_s": 95.0, "bare_images_per_s": 100.0, "scoring_ratio": 0.95},

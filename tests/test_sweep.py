@@ -1,12 +1,22 @@
 """A real sweep through the CLI: shared teacher, one teacher pass, two Tune trials, MLflow tree,
-best config, `selftrain compare`, and a resume that duplicates nothing."""
+best config, `selftrain compare`, and resumes that duplicate nothing.
+
+The sweep's first driver is killed (SIGKILL: no handler runs) while its trials train, and
+`selftrain sweep --resume` finishes it: every test below checks that resumed sweep (one sweep
+for both stories, the most expensive fixture of the suite)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 from selftrain.cli import main
@@ -17,15 +27,44 @@ from conftest import REPO, digits_overrides, experiment_runs, tracking_uri_set
 SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 
 
+STARTED_WITHIN_S = 420  # teacher, its scoring pass and a trial's start on 2 busy cores
+
+
+def _wait_for_a_training_trial(process: subprocess.Popen, out, client: MlflowClient) -> None:
+    """Until a trial has reported an epoch to MLflow (its student is mid-training)."""
+    deadline = time.monotonic() + STARTED_WITHIN_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the sweep ended before it could be killed:\n{process.stdout.read()}"
+        if client.get_experiment_by_name("sweep_smoke") and (out / "trials").is_dir():
+            trials = experiment_runs(client, "sweep_smoke", "tags.`selftrain.role` = 'trial'")
+            if any("val/accuracy" in run.data.metrics for run in trials):
+                return
+        time.sleep(1)
+    raise AssertionError(f"no trial reported an epoch within {STARTED_WITHIN_S} s")
+
+
 @pytest.fixture(scope="module")
 def swept(ray_session, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = [SWEEP, f"output_dir={root / 'sweep'}", *digits_overrides(digits)]
+    out, uri = root / "sweep", f"sqlite:///{root / 'mlflow.db'}"
+    args = [SWEEP, f"output_dir={out}", *digits_overrides(digits)]
+    client = MlflowClient(uri)
+    # The first driver joins this session's Ray, so killing it leaves the cluster running, as a
+    # crashed `ray job` driver would.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "selftrain.cli", "sweep", *args], env=env, cwd=root,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_a_training_trial(process, out, client)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        first_output = process.communicate(timeout=60)[0]
+    killed_before_summary = not (out / "summary.json").exists()
     with tracking_uri_set(uri):
-        code = main(["sweep", *args])
-        yield {"code": code, "args": args, "root": root, "client": MlflowClient(uri),
-               "summary": root / "sweep" / "summary.json"}
+        code = main(["sweep", *args, "--resume"])
+        yield {"code": code, "args": args, "root": root, "client": client, "summary": out / "summary.json",
+               "first_output": first_output, "killed_before_summary": killed_before_summary}
 
 
 def _summary(swept):
@@ -34,6 +73,20 @@ def _summary(swept):
 
 def _runs(swept):
     return experiment_runs(swept["client"], "sweep_smoke")
+
+
+def test_a_killed_sweep_resumes_without_a_second_teacher_or_duplicate_runs(swept):
+    assert swept["killed_before_summary"] and "shared teacher" in swept["first_output"]
+    assert swept["code"] == 0
+    summary = _summary(swept)
+    assert summary["teacher_scoring_passes"] == 1
+    assert summary["trials_by_status"] == {"completed": 2, "stopped_early": 0, "failed": 0}
+    runs = _runs(swept)
+    roles = sorted(run.data.tags.get("selftrain.role", "") for run in runs)
+    assert roles == ["sweep", "teacher", "trial", "trial"], roles
+    trial_ids = [run.data.tags["selftrain.trial_id"] for run in runs if run.data.tags.get("selftrain.role") == "trial"]
+    assert sorted(trial_ids) == sorted(t["trial_id"] for t in summary["trials"])
+    assert all(run.info.status == "FINISHED" for run in runs), [(r.info.run_name, r.info.status) for r in runs]
 
 
 def test_every_trial_reuses_the_one_teacher_pass_and_reports_validation_accuracy(swept):

@@ -112,6 +112,67 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from selftrain.config import load_config
+    from selftrain.ray_runtime import init_ray
+    from selftrain.tracking import check_tracking_store
+
+    cfg = load_config(args.pipeline, args.overrides)
+    protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    out = Path(args.out or os.path.join(cfg.output_dir, "eval")).expanduser().resolve()
+    check_tracking_store()
+    with OutputLock(out, "eval"):
+        init_ray(args.num_cpus)
+        from selftrain.stages.predict import resolve_model  # heavy: torch, Ray Data
+        from selftrain.stages.protocols import evaluate_backbone
+        from selftrain.tracking import Tracker
+
+        model_dir = resolve_model(args.model, str(out / "downloads"))
+        results = evaluate_backbone(model_dir, cfg, protocols, out, args.k, args.temperature, args.label_fraction)
+        tracker = Tracker(cfg.name)
+        run_id = tracker.start_run(f"eval-{'-'.join(protocols)}", tags={"selftrain.role": "eval"})
+        with tracker.terminating([run_id]):
+            tracker.log_params(run_id, {"model": args.model, "protocols": ",".join(protocols), "k": args.k,
+                                        "temperature": args.temperature, "label_fraction": args.label_fraction})
+            tracker.log_metrics(run_id, {f"eval/{r['protocol']}_accuracy": r["accuracy"] for r in results})
+            tracker.log_json(run_id, results, "eval.json")
+            tracker.finish(run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+    for r in results:
+        detail = {"knn": f"k={r.get('k')}, T={r.get('temperature')}", "linear": "logistic regression on frozen features",
+                  "finetune": f"{r.get('label_fraction', 0):.0%} of the labeled images"}[r["protocol"]]
+        print(f"{r['protocol']:>8}  accuracy {r['accuracy']:.4f}  ({detail}; {r['labeled_images']} labeled, "
+              f"{r['test_images']} test images)")
+    print(f"results: {out / 'eval.json'} (MLflow run {run_id})")
+    return 0
+
+
+def _protocol(args: argparse.Namespace) -> int:
+    from selftrain.config import load_config
+    from selftrain.errors import ConfigError
+    from selftrain.ray_runtime import init_ray
+    from selftrain.tracking import check_tracking_store
+
+    cfg = load_config(args.pipeline, args.overrides)
+    try:
+        labels = [int(n) for n in args.labels_per_class.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"--labels-per-class {args.labels_per_class!r}: give counts like 1,4,25") from None
+    check_tracking_store()
+    with OutputLock(cfg.output_dir, "protocol"):
+        init_ray(args.num_cpus)
+        from selftrain.protocol import run_protocol  # heavy: torch, Ray Data
+
+        result = run_protocol(cfg, labels, args.seeds, say=_progress())
+    print("test accuracy (%), mean ± std over seeds (runs), by labeled images per class:")
+    print(result["table"].to_string())
+    print(f"tables: {result['out']}/protocol.csv, protocol.md; every run: runs.csv (MLflow run {result['mlflow_run_id']})")
+    return 0
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from selftrain.config import _read_yaml, describe_config, load_config, load_sweep
 
@@ -175,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ResNet-50 at 224 px, pools of 100k and 1M files (the default where a GPU is "
                             "visible; without one, --quick is the default)")
     bench.add_argument("--parts", default="",
-                       help="comma-separated subset of driver_memory,scoring,training,plumbing,consistency")
+                       help="comma-separated subset of driver_memory,scoring,training,plumbing,consistency,pretrain")
     bench.add_argument("--repeats", type=int, default=3,
                        help="runs of each part with a goal; the median is reported, with min and max (default 3)")
     bench.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-<mode>.json)")
@@ -198,6 +259,37 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--parquet-column", default="image", help="image-bytes column of a Parquet DATA")
     predict.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     predict.set_defaults(handler=_predict)
+    evaluate = commands.add_parser(
+        "eval", help="score a saved model's backbone by the representation-learning protocols",
+        description="knn: weighted kNN of the test images among the labeled ones on frozen features; "
+                    "linear: a logistic-regression probe on frozen features; finetune: the whole network "
+                    "trained supervised from the backbone on --label-fraction of the labeled images. The "
+                    "images are PIPELINE's data section (its labeled and test sets); results are printed, "
+                    "written to OUT/eval.json and logged to MLflow in PIPELINE's experiment.")
+    evaluate.add_argument("model", help="a model folder (e.g. <output_dir>/pretrain/model), an MLflow run id, "
+                                        "or runs:/<run id>/model")
+    evaluate.add_argument("pipeline", help="pipeline YAML whose data (and, for finetune, teacher budget) to use")
+    evaluate.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the pipeline")
+    evaluate.add_argument("--protocol", default="knn,linear", help="knn, linear, finetune, or a comma list")
+    evaluate.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
+    evaluate.add_argument("--temperature", type=float, default=0.1, help="kNN vote temperature (default 0.1)")
+    evaluate.add_argument("--label-fraction", type=float, default=0.1,
+                          help="finetune: share of the labeled images per class (default 0.1, at least one each)")
+    evaluate.add_argument("--out", default=None, help="results folder (default <output_dir>/eval)")
+    evaluate.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    evaluate.set_defaults(handler=_eval)
+    protocol = commands.add_parser(
+        "protocol", help="a pipeline over label counts x seeds: mean ± std per label count",
+        description="Runs PIPELINE (a built-in dataset) once per labeled-images-per-class count and seed, each "
+                    "into <output_dir>/labels<n>-seed<s> (finished runs are read back, not redone), and "
+                    "prints mean ± std of test accuracy per label count for the baseline, teacher, each "
+                    "student and the final model; CSV and Markdown in <output_dir>, one MLflow parent run.")
+    protocol.add_argument("pipeline")
+    protocol.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    protocol.add_argument("--labels-per-class", default="1,4,25", help="comma list (default 1,4,25)")
+    protocol.add_argument("--seeds", type=int, default=3, help="seeds per label count: seed, seed+1, ... (default 3)")
+    protocol.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    protocol.set_defaults(handler=_protocol)
     config = commands.add_parser("config", help="show a pipeline's resolved config, every key documented")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser(

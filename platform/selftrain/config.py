@@ -90,6 +90,11 @@ class ModelConfig(_Strict):
         "as large as the model before it",
     )
 
+    init: str = Field(
+        "auto", min_length=1, description="the teacher's starting weights: pretrain (the backbone the "
+        "`pretrain:` stage trains), a saved model directory (its backbone: every weight but the "
+        "classifier's), none (random), or auto (pretrain when there is a `pretrain:` section, else none)")
+
     def student(self, iteration: int) -> str:
         return self.students[min(iteration, len(self.students)) - 1]
 
@@ -142,6 +147,55 @@ class TrainConfig(_Strict):
     steps_per_epoch: int | None = Field(
         None, ge=1, description="optimizer steps per epoch; default: one pass over the labeled (+ "
         "pseudo-labeled) rows, or for an online method one pass over the unlabeled pool")
+
+
+PRETRAIN_METHOD_NAMES = ("simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "rotation", "jigsaw")
+
+
+class PretrainConfig(_Strict):
+    """Self-supervised pretraining of the teacher's backbone on the unlabeled pool, before the
+    teacher (`pretraining/`). A knob left unset takes the method's default (`defaults` in
+    `pretraining/<method>.py`); a knob the method does not read is refused."""
+
+    method: Literal[PRETRAIN_METHOD_NAMES] = Field(..., description=", ".join(PRETRAIN_METHOD_NAMES))
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2, description="pool images per step per worker (two views each)")
+    lr: float = Field(0.06, gt=0.0, description="SGD (momentum 0.9) peak learning rate, cosine schedule")
+    weight_decay: float = Field(5e-4, ge=0.0)
+    steps_per_epoch: int | None = Field(None, ge=1, description="default: one pass over the pool")
+    crop_scale_min: float = Field(0.2, gt=0.0, le=1.0, description="smallest random-resized-crop area "
+                                  "of a view (SimCLR's CIFAR setting 0.08-0.2; digits need more)")
+    color_jitter: float = Field(0.4, ge=0.0, le=1.0, description="brightness/contrast/saturation "
+                                "jitter strength of the views (hue: a quarter of it), applied with p=0.8")
+    knn_k: int = Field(200, ge=1, description="neighbours of the per-epoch kNN monitor")
+    knn_temperature: float = Field(0.1, gt=0.0, description="vote weight exp(similarity / T)")
+    knn_queries: int = Field(2000, ge=1, description="test images the per-epoch kNN monitor classifies "
+                             "(a fixed sample when the test set is larger)")
+    temperature: float | None = Field(None, gt=0.0, description="simclr 0.5, moco_v2 0.2, dino's student 0.1")
+    momentum: float | None = Field(None, ge=0.0, lt=1.0, description="momentum encoder's decay (moco_v2 "
+                                   "0.99 constant; byol 0.99 and dino 0.996, cosine-scheduled to 1)")
+    queue_size: int | None = Field(None, ge=1, description="moco_v2: negatives kept from earlier batches (4096)")
+    projection_dim: int | None = Field(None, ge=1, description="width of the projection head's output")
+    hidden_dim: int | None = Field(None, ge=1, description="width of the heads' hidden layers")
+    redundancy_weight: float | None = Field(None, ge=0.0, description="barlow_twins: λ of the off-diagonal terms (5e-3)")
+    invariance_weight: float | None = Field(None, ge=0.0, description="vicreg: 25")
+    variance_weight: float | None = Field(None, ge=0.0, description="vicreg: 25")
+    covariance_weight: float | None = Field(None, ge=0.0, description="vicreg: 1")
+    prototypes: int | None = Field(None, ge=2, description="dino: output width K (1024)")
+    teacher_temperature: float | None = Field(None, gt=0.0, description="dino: 0.04")
+    center_momentum: float | None = Field(None, ge=0.0, lt=1.0, description="dino: 0.9")
+    permutations: int | None = Field(None, ge=2, description="jigsaw: size of the permutation set (64)")
+    grid: int | None = Field(None, ge=2, le=4, description="jigsaw: tiles per side (3)")
+
+    def knobs(self) -> dict:
+        """The method's knobs that are set (unset ones take the method's default)."""
+        return {k: v for k, v in self.model_dump().items() if k in PRETRAIN_KNOBS and v is not None}
+
+
+# The fields of PretrainConfig that are a method's knobs (the rest configure the stage).
+PRETRAIN_KNOBS = ("temperature", "momentum", "queue_size", "projection_dim", "hidden_dim", "redundancy_weight",
+                  "invariance_weight", "variance_weight", "covariance_weight", "prototypes",
+                  "teacher_temperature", "center_momentum", "permutations", "grid")
 
 
 class PseudoLabelConfig(_Strict):
@@ -285,6 +339,8 @@ class PipelineConfig(_Strict):
     output_dir: str = "runs/selftrain"
     data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))
     model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig | None = Field(None, description="self-supervised pretraining of the teacher's "
+                                            "backbone on the pool, before the teacher (none: skipped)")
     teacher: MethodConfig = Field(default_factory=_teacher_method, description="how the first teacher trains")
     students: MethodConfig = Field(default_factory=_student_method, description="how every student trains")
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
@@ -295,6 +351,20 @@ class PipelineConfig(_Strict):
                            "method), also train the teacher's architecture supervised on the labeled "
                            "images alone, so the summary shows what the pool added; nothing extra when "
                            "the teacher is supervised already")
+
+    @property
+    def teacher_init(self) -> str:
+        """`model.init` resolved: pretrain, none, or a model directory."""
+        if self.model.init == "auto":
+            return "pretrain" if self.pretrain else "none"
+        return self.model.init
+
+    @model_validator(mode="after")
+    def _init_needs_pretrain(self) -> PipelineConfig:
+        if self.model.init == "pretrain" and self.pretrain is None:
+            raise ValueError("model.init=pretrain needs a `pretrain:` section (pretrain.method: simclr, ...); "
+                             "or set model.init to none or to a saved model directory")
+        return self
 
     @model_validator(mode="after")
     def _student_init_needs_equal_architectures(self) -> PipelineConfig:
@@ -462,6 +532,14 @@ def with_params(cfg: PipelineConfig, params: dict[str, Any], source: str = "tria
     return build_config(_merge(cfg.model_dump(), tree), source=source)
 
 
+def _section(annotation: Any) -> Any:
+    """`X | None` -> X for an optional section (`pretrain:`); anything else unchanged."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return annotation
+
+
 def _check_key(key: str) -> None:
     model: type[BaseModel] = PipelineConfig
     parts = key.split(".")
@@ -470,7 +548,7 @@ def _check_key(key: str) -> None:
             where = ".".join(parts[:depth]) or "the top level"
             raise ConfigError(f"sweep.space: unknown config key {key!r}; allowed under {where}: "
                               f"{', '.join(model.model_fields)}")
-        annotation = model.model_fields[part].annotation
+        annotation = _section(model.model_fields[part].annotation)
         nested = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         if depth < len(parts) - 1 and not nested:
             raise ConfigError(f"sweep.space: {key!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
@@ -543,10 +621,12 @@ def describe_config(cfg: BaseModel, prefix: str = "") -> list[str]:
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
         key = f"{prefix}{name}"
+        default = field.get_default(call_default_factory=True)
         if isinstance(value, BaseModel):
+            if default is None:  # an optional section that is set (`pretrain:`): a line of its own too
+                lines.append(f"* {key}: (set)  # default None; {field.description or ''}")
             lines += describe_config(value, f"{key}.")
             continue
-        default = field.get_default(call_default_factory=True)
         notes = [f"default {default!r}"] + [n for n in (_bounds(field), field.description or "") if n]
         changed = "*" if value != default else " "
         lines.append(f"{changed} {key}: {value!r}  # " + "; ".join(notes))

@@ -1,6 +1,7 @@
 """The outer loop: Noisy Student self-training (Xie et al. 2020, Algorithm 1), iterated.
 
-    teacher <- train(labeled)
+    [backbone <- pretrain(pool), self-supervised]      (optional: `pretrain:`)
+    teacher <- train(labeled)                           (from the backbone: `model.init`)
     repeat `iterations` times:
         scores  <- teacher scores the unlabeled pool (un-noised)
         pseudo  <- threshold / balance / soften the scores
@@ -13,6 +14,7 @@ in MLflow: one parent run per pipeline, one child run per trained model.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from selftrain import plots
-from selftrain.config import MethodConfig, PipelineConfig
+from selftrain.config import PRETRAIN_KNOBS, MethodConfig, PipelineConfig
 from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
@@ -33,12 +35,16 @@ from selftrain.ledger import Ledger
 from selftrain.methods import METHODS, check_knobs
 from selftrain.models.registry import check_student_sizes
 from selftrain.stages.evaluate import evaluate
+from selftrain.pretraining import PRETRAIN_METHODS, check_pretrain_knobs
+from selftrain.stages.pretrain import pretrain_model
+from selftrain.stages.protocols import frozen_protocols
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, stats_record
 from selftrain.stages.score import score_pool
 from selftrain.stages.pool_index import index_pool
 from selftrain.stages.train import MlflowEpochs, train_model, training_streams
 from selftrain.masking import redact, redact_tree
 from selftrain.tracking import Tracker
+from selftrain.training.loop import SPEC_FILE
 
 T = TypeVar("T")
 
@@ -59,20 +65,24 @@ class Run:
         return self.cfg.seed * 1000 + iteration
 
 
-def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print, parent_id: str | None = None) -> dict[str, Any]:
+    """The whole pipeline into `cfg.output_dir`; its MLflow run is a child of `parent_id` when
+    given (`selftrain protocol`)."""
     check_method_knobs(cfg)
     out = Path(cfg.output_dir).expanduser().resolve()
     with OutputLock(out, "run"):
-        return _run_locked(cfg, out, say)
+        return _run_locked(cfg, out, say, parent_id)
 
 
-def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None], parent_id: str | None) -> dict[str, Any]:
     ledger = Ledger(out, cfg)  # refuses a different config; writes nothing yet
     # The input is validated before the first record, so a typo fixed does not read as a new config.
     paths = data_paths(cfg)
     sets = load_labeled_sets(paths.labeled, paths.test, cfg.data.image_size)
     check_student_sizes(cfg.model.teacher, cfg.model.students, len(sets.classes))
-    tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"})
+    if cfg.teacher_init not in ("none", "pretrain"):
+        check_init_dir(cfg)
+    tracker, parent_id = open_tracking(cfg.name, out, ledger, say, {"selftrain.role": "pipeline"}, parent_id)
     open_runs = [parent_id]
 
     def timed(stage: str, done_key: str, compute: Callable[[], T]) -> T:
@@ -91,10 +101,11 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> d
         say(f"{len(sets.classes)} classes, {len(sets.labeled)} labeled, {len(sets.test)} test images; "
             f"pool: {paths.unlabeled}")
 
-        teacher = timed("teacher", "iter0/result", lambda: train_stage(run, iteration=0, arch=cfg.model.teacher,
-                                                                        pseudo=None))
+        backbone = timed("pretrain", "pretrain/result", lambda: pretrain_stage(run)) if cfg.pretrain else None
+        teacher = timed("teacher", "iter0/result", lambda: train_stage(
+            run, iteration=0, arch=cfg.model.teacher, pseudo=None, init_backbone_dir=teacher_init_dir(cfg, backbone)))
         baseline = (timed("baseline", "baseline/result", lambda: baseline_stage(run))
-                    if cfg.baseline and cfg.teacher.online else None)
+                    if cfg.baseline and (cfg.teacher.online or cfg.teacher_init != "none") else None)
         results = [teacher]
         for iteration in range(1, cfg.iterations + 1):
             it = f"iter{iteration}"
@@ -107,7 +118,7 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> d
             teacher = student
 
         stage_seconds = {k.split("/", 1)[1]: v for k, v in ledger.state["records"].items() if k.startswith("seconds/")}
-        summary = _summarize(run, results, baseline, stage_seconds)
+        summary = _summarize(run, results, baseline, stage_seconds, backbone)
         tracker.log_metrics(parent_id, {"eval/final_accuracy": summary["final_test_accuracy"],
                                         "eval/teacher_accuracy": results[0]["test_accuracy"],
                                         **({"eval/baseline_accuracy": baseline["test_accuracy"]} if baseline else {})})
@@ -125,7 +136,7 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None]) -> d
 
 
 def open_tracking(experiment: str, out: Path, ledger: Ledger, say: Callable[[str], None],
-                  tags: dict[str, str]) -> tuple[Tracker, str]:
+                  tags: dict[str, str], parent_id: str | None = None) -> tuple[Tracker, str]:
     """The MLflow parent run of `out`: created once, re-opened on resume, never in another store."""
     tracker = Tracker(experiment)
     recorded_uri = ledger.get("tracking_uri")
@@ -135,14 +146,14 @@ def open_tracking(experiment: str, out: Path, ledger: Ledger, say: Callable[[str
             f"{tracker.display_uri}; resume from the same directory or set MLFLOW_TRACKING_URI to the recorded store"
         )
     ledger.put("tracking_uri", tracker.display_uri)
-    parent_id = ledger.get("mlflow_run_id")
-    if parent_id:
-        say(f"resuming {out} (MLflow run {parent_id})")
-        tracker.reopen(parent_id)
+    run_id = ledger.get("mlflow_run_id")
+    if run_id:
+        say(f"resuming {out} (MLflow run {run_id})")
+        tracker.reopen(run_id)
     else:
-        parent_id = tracker.start_run(out.name, tags={"selftrain.output_dir": str(out), **tags})
-        ledger.put("mlflow_run_id", parent_id)
-    return tracker, parent_id
+        run_id = tracker.start_run(out.name, parent_id, tags={"selftrain.output_dir": str(out), **tags})
+        ledger.put("mlflow_run_id", run_id)
+    return tracker, run_id
 
 
 def data_paths(cfg: PipelineConfig) -> DataPaths:
@@ -204,6 +215,9 @@ def pool_index_stage(run: Run) -> dict[str, Any]:
 
 def check_method_knobs(cfg: PipelineConfig, swept: list[str] = ()) -> None:
     """Before any compute: every knob set (or swept) for a role is one its method reads."""
+    if cfg.pretrain and "pretrain.method" not in swept:
+        check_pretrain_knobs(cfg.pretrain.method, [*cfg.pretrain.knobs(), *(
+            k.split(".", 1)[1] for k in swept if k.startswith("pretrain.") and k.split(".", 1)[1] in PRETRAIN_KNOBS)])
     for role in ("teacher", "students"):
         method = getattr(cfg, role)
         if f"{role}.method" not in swept:
@@ -217,31 +231,94 @@ def method_params(method: Any) -> dict[str, Any]:
             **{f"method.{k}": v for k, v in {**METHODS[method.method].defaults, **method.knobs()}.items()}}
 
 
-def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | None,
-                teacher_dir: str | None = None, role: str | None = None) -> dict[str, Any]:
-    """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only
-    (role "baseline": the teacher's architecture, supervised, on the labeled images alone)."""
-    role = role or ("teacher" if iteration == 0 else "student")
-    key = "baseline" if role == "baseline" else f"iter{iteration}"
-    if run.ledger.get(f"{key}/result"):
-        return run.ledger.get(f"{key}/result")
+def child_run(run: Run, key: str, name: str, iteration: int, role: str) -> str:
+    """The MLflow child run of stage `key`: created once, re-opened on resume."""
     child = run.ledger.get(f"{key}/mlflow_run_id")
     if child:
         run.open_runs.append(child)
         run.tracker.reopen(child)
-    else:
-        name = f"{key}-{arch}" if role == "baseline" else f"{key}-{role}-{arch}"
-        child = run.tracker.start_run(name, parent_id=run.parent_id,
-                                      tags={"selftrain.iteration": str(iteration), "selftrain.role": role})
-        run.open_runs.append(child)
-        run.ledger.put(f"{key}/mlflow_run_id", child)
+        return child
+    child = run.tracker.start_run(name, parent_id=run.parent_id,
+                                  tags={"selftrain.iteration": str(iteration), "selftrain.role": role})
+    run.open_runs.append(child)
+    run.ledger.put(f"{key}/mlflow_run_id", child)
+    return child
+
+
+def teacher_init_dir(cfg: PipelineConfig, backbone: dict[str, Any] | None) -> str | None:
+    """The model directory whose backbone the teacher starts from (`model.init`), or None."""
+    init = cfg.teacher_init
+    if init == "none":
+        return None
+    return backbone["model_dir"] if init == "pretrain" else check_init_dir(cfg)
+
+
+def check_init_dir(cfg: PipelineConfig) -> str:
+    """`model.init` as a saved model directory: it exists, holds a model of the teacher's architecture."""
+    directory = Path(cfg.model.init).expanduser().resolve()
+    spec_file = directory / SPEC_FILE
+    if not spec_file.is_file():
+        raise ConfigError(f"model.init={cfg.model.init}: no saved model there (no {SPEC_FILE}); give pretrain, "
+                          "none, or a model folder such as <output_dir>/pretrain/model")
+    arch = json.loads(spec_file.read_text())["arch"]
+    if arch != cfg.model.teacher:
+        raise ConfigError(f"model.init={cfg.model.init} holds a {arch} backbone, but model.teacher is "
+                          f"{cfg.model.teacher}: the architectures must match")
+    return str(directory)
+
+
+def pretrain_stage(run: Run) -> dict[str, Any]:
+    """Self-supervised pretraining of the teacher's backbone on the pool; recorded with the kNN
+    and linear-probe accuracy of its frozen features (labeled -> test)."""
+    if run.ledger.get("pretrain/result"):
+        return run.ledger.get("pretrain/result")
+    cfg, classes, pretrain, arch = run.cfg, run.sets.classes, run.cfg.pretrain, run.cfg.model.teacher
+    child = child_run(run, "pretrain", f"pretrain-{pretrain.method}-{arch}", 0, "pretrain")
+    pool = pool_index_stage(run)
+    knobs = {**PRETRAIN_METHODS[pretrain.method].defaults, **pretrain.knobs()}
+    run.tracker.log_params(child, {"role": "pretrain", "arch": arch, "pool_rows": pool["rows"],
+                                   **{f"pretrain.{k}": v for k, v in pretrain.model_dump().items() if v is not None},
+                                   **{f"method.{k}": v for k, v in knobs.items()}})
+    run.say(f"[pretrain] {pretrain.method} on {pool['rows']} pool images: {arch} backbone, "
+            f"{pretrain.epochs} epochs, kNN accuracy on the test images each epoch")
+    spec = {"num_classes": len(classes), "classes": classes, "image_size": cfg.data.image_size}
+    trained = pretrain_model(cfg, arch, pool, run.sets.labeled, run.sets.test, spec, run.out / "pretrain",
+                             run.seed(0), callbacks=[MlflowEpochs(run.tracker.uri, cfg.name, child)])
+    for epoch in trained.history:
+        run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
+    protocols = {name: result["accuracy"] for name, result in frozen_protocols(
+        trained.model_dir, run.sets.labeled, run.sets.test, cfg, len(classes), ("knn", "linear"),
+        pretrain.knn_k, pretrain.knn_temperature).items()}
+    run.say(f"[pretrain] {pretrain.method} backbone: kNN accuracy {protocols['knn']:.4f}, "
+            f"linear probe {protocols['linear']:.4f} (labeled -> test)")
+    run.tracker.log_metrics(child, {"eval/knn_accuracy": protocols["knn"], "eval/linear_accuracy": protocols["linear"]})
+    run.tracker.log_artifact(child, trained.model_dir, "model")
+    run.tracker.finish(child)
+    record = {"role": "pretrain", "method": pretrain.method, "model": arch, "model_dir": trained.model_dir,
+              "knn_accuracy": protocols["knn"], "linear_accuracy": protocols["linear"], "mlflow_run_id": child}
+    run.ledger.put("pretrain/result", record)
+    return record
+
+
+def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | None,
+                teacher_dir: str | None = None, role: str | None = None,
+                init_backbone_dir: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and record one model; iteration 0 is the teacher on labeled data only,
+    from `init_backbone_dir`'s backbone when given (role "baseline": the teacher's architecture,
+    supervised, from random weights, on the labeled images alone)."""
+    role = role or ("teacher" if iteration == 0 else "student")
+    key = "baseline" if role == "baseline" else f"iter{iteration}"
+    if run.ledger.get(f"{key}/result"):
+        return run.ledger.get(f"{key}/result")
+    child = child_run(run, key, f"{key}-{arch}" if role == "baseline" else f"{key}-{role}-{arch}", iteration, role)
     cfg, classes = run.cfg, run.sets.classes
     method = run.cfg.students if pseudo else run.cfg.teacher
     pool = pool_index_stage(run) if method.online else None
     run.tracker.log_params(child, {"role": role, "arch": arch, "iteration": iteration,
                                    "labeled_rows": len(run.sets.labeled),
                                    "pseudo_rows": pseudo["rows"] if pseudo else 0,
-                                   "pool_rows": pool["rows"] if pool else 0, **method_params(method)})
+                                   "pool_rows": pool["rows"] if pool else 0, **method_params(method),
+                                   **({"init": init_backbone_dir} if init_backbone_dir else {})})
     if pseudo:
         run.tracker.log_metrics(child, pseudo["metrics"])
         stats, threshold = pseudo["stats"], cfg.pseudo_label.threshold
@@ -264,7 +341,7 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     live = MlflowEpochs(run.tracker.uri, cfg.name, child) if child else None
     trained = train_model(cfg, f"{key}-{role}", arch, streams, spec, student=pseudo is not None,
                           out_dir=run.out / key, seed=run.seed(iteration), teacher_dir=teacher_dir,
-                          callbacks=[live] if live else None)
+                          callbacks=[live] if live else None, init_backbone_dir=init_backbone_dir)
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
 
@@ -288,14 +365,15 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
 
 
 def baseline_stage(run: Run) -> dict[str, Any]:
-    """The teacher's architecture and budget, supervised on the labeled images alone: what the
-    pool adds is the teacher's (and the students') accuracy over this one."""
+    """The teacher's architecture and budget, supervised from random weights on the labeled
+    images alone: what the pool adds (online learning, pretraining) is the teacher's (and the
+    students') accuracy over this one."""
     cfg = run.cfg.model_copy(update={"teacher": MethodConfig(method="supervised")})
     return train_stage(replace(run, cfg=cfg), iteration=0, arch=cfg.model.teacher, pseudo=None, role="baseline")
 
 
 def _summarize(run: Run, results: list[dict[str, Any]], baseline: dict[str, Any] | None = None,
-               stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+               stage_seconds: dict[str, float] | None = None, backbone: dict[str, Any] | None = None) -> dict[str, Any]:
     rejected = {r["path"]: r["reason"] for r in run.sets.rejected.to_dict("records")}
     pool_rejected = 0  # every pass scores the same pool; the lists name the first 1,000 only
     records = [run.ledger.get(f"iter{i}/pseudo_labels") for i in range(1, run.cfg.iterations + 1)]
@@ -312,6 +390,7 @@ def _summarize(run: Run, results: list[dict[str, Any]], baseline: dict[str, Any]
         "final_test_accuracy": results[-1]["test_accuracy"],
         "baseline_test_accuracy": baseline["test_accuracy"] if baseline else None,
         "baseline": baseline,
+        "pretrain": backbone,
         "stage_seconds": stage_seconds or {},
         "teacher_scoring_passes": run.cfg.iterations,
         "iterations": results,
@@ -341,6 +420,10 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines[-1] += f"; vs supervised on the labeled images alone: {pool_gain * 100:+.1f} points"
     lines[-1] += (f" ({summary.get('rejected_count', len(summary['rejected']))} unreadable files skipped; "
                   f"MLflow run {summary['mlflow_run_id']})")
+    if summary.get("pretrain"):
+        pretrain = summary["pretrain"]
+        lines.append(f"pretrained backbone ({pretrain['method']}, {pretrain['model']}): kNN accuracy "
+                     f"{pretrain['knn_accuracy']:.4f}, linear probe {pretrain['linear_accuracy']:.4f}")
     if summary.get("stage_seconds"):
         lines.append("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
     return "\n".join(lines)

@@ -36,22 +36,25 @@ from selftrain.fsio import OutputLock, atomic_write_json, atomic_write_text
 from selftrain.ledger import Ledger
 from selftrain.masking import redact_tree
 from selftrain.self_training import (Run, check_method_knobs, data_paths, open_tracking, pool_index_stage,
-                                     score_stage, train_stage)
+                                     pretrain_stage, score_stage, teacher_init_dir, train_stage)
 from selftrain.stages.evaluate import evaluate
 from selftrain.sweep_results import OBJECTIVE, collect_trials, split_validation
 from selftrain.trial import PLACEMENT_GROUPS_FILE, Shared, run_trial
 
 # Keys whose value shapes the shared teacher or the pool it scores: sweeping one of them gives
 # every trial its own teacher (and teacher pass). Everything else varies only the student side.
-TEACHER_KEYS = ("data.", "seed", "model.teacher", "teacher.", "train.teacher_epochs", "train.teacher_dropout",
-                "train.lr", "train.batch_size", "train.weight_decay", "noise.horizontal_flip", "scoring.")
+TEACHER_KEYS = ("data.", "seed", "model.teacher", "model.init", "teacher.", "train.teacher_epochs",
+                "train.teacher_dropout", "train.lr", "train.batch_size", "train.weight_decay", "noise.horizontal_flip",
+                "scoring.", "pretrain.")
+# Keys that change the pretrained backbone: sweeping one makes every trial pretrain its own.
+PRETRAIN_KEYS = ("data.", "seed", "model.teacher", "noise.horizontal_flip", "pretrain.")
 
 
 TRIAL_MEMORY = 256 * 1024**2  # bytes reserved per trial process (Ray's `memory` resource)
 
 
-def changes_teacher(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in TEACHER_KEYS)
+def changes_teacher(key: str, keys: tuple[str, ...] = TEACHER_KEYS) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
 
 
 def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False,
@@ -84,9 +87,12 @@ def _sweep_locked(cfg: PipelineConfig, sweep: SweepConfig, out: Path, resume: bo
         run = Run(cfg, out, ledger, tracker, parent_id, paths, replace(sets, labeled=train), say, open_runs)
 
         shared_teacher = not any(changes_teacher(key) for key in sweep.space)
+        shared_backbone = cfg.pretrain is not None and not any(changes_teacher(k, PRETRAIN_KEYS) for k in sweep.space)
+        backbone = pretrain_stage(run) if shared_backbone else None
         teacher = scores = None
         if shared_teacher:
-            teacher = train_stage(run, iteration=0, arch=cfg.model.teacher, pseudo=None)
+            teacher = train_stage(run, iteration=0, arch=cfg.model.teacher, pseudo=None,
+                                  init_backbone_dir=teacher_init_dir(cfg, backbone))
             teacher["val_accuracy"] = ledger.stage("teacher_val_accuracy", lambda: evaluate(
                 validation, teacher["model_dir"], cfg.scoring, cfg.data.image_size, len(sets.classes)).accuracy)
             tracker.log_metrics(teacher["mlflow_run_id"], {OBJECTIVE: teacher["val_accuracy"]})  # the baseline
@@ -95,9 +101,10 @@ def _sweep_locked(cfg: PipelineConfig, sweep: SweepConfig, out: Path, resume: bo
                 scores = score_stage(run, 1, teacher)
         else:
             say("the search space changes the teacher: every trial trains and scores with its own")
-        reads_pool = cfg.teacher.online or cfg.students.online or any(k.endswith(".method") for k in sweep.space)
+        reads_pool = (cfg.teacher.online or cfg.students.online or cfg.pretrain is not None
+                      or any(k.endswith(".method") for k in sweep.space))
         shared = Shared(cfg.model_dump(), str(out), tracker.uri, parent_id, paths, sets.classes, train,
-                        validation, teacher, scores, pool_index_stage(run) if reads_pool else None)
+                        validation, teacher, scores, pool_index_stage(run) if reads_pool else None, backbone)
         results = _tune(cfg, sweep, shared, out, resume, say)
         trials = collect_trials(results, sweep, cfg, out, tracker, parent_id)
         summary = _summarize(cfg, sweep, run, trials, teacher, time.monotonic() - started)

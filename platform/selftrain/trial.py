@@ -29,7 +29,8 @@ from selftrain.data.builtin import DataPaths
 from selftrain.data.pool import read_pool
 from selftrain.fsio import atomic_write_json
 from selftrain.models.registry import check_student_sizes
-from selftrain.self_training import fresh_dir
+from selftrain.self_training import fresh_dir, teacher_init_dir
+from selftrain.stages.pretrain import pretrain_model
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics
 from selftrain.stages.score import score_pool
 from selftrain.stages.train import MlflowEpochs, train_model, training_streams
@@ -55,6 +56,8 @@ class Shared:
     teacher: dict[str, Any] | None  # `model`, `model_dir`: None when each trial needs its own
     scores: str | None  # the shared teacher's scores of the pool: None when not shared
     pool_index: dict[str, Any] | None = None  # the numbered pool, when an online method may read it
+    backbone: dict[str, Any] | None = None  # the pretrained backbone (`model_dir`) every trial's teacher
+    # starts from; None without `pretrain:` or when the search space changes the pretraining
 
 
 def run_trial(params: dict[str, Any], shared: Shared) -> None:
@@ -104,12 +107,20 @@ class _Trial:
         atomic_write_json(self.out / TRIAL_FILE, record)  # the sweep's collection reads it whole
 
     def _own_teacher(self, record: dict[str, Any]) -> dict[str, Any]:
-        """This trial's knobs change the teacher: train one on the same labeled split."""
+        """This trial's knobs change the teacher: train one on the same labeled split (from the
+        shared pretrained backbone, or from one this trial pretrains when it sweeps `pretrain.*`;
+        its kNN monitor classifies the validation images, never the test set)."""
         cfg, shared = self.cfg, self.shared
+        backbone = shared.backbone
+        if cfg.pretrain and backbone is None:
+            backbone = {"model_dir": pretrain_model(cfg, cfg.model.teacher, shared.pool_index, shared.train,
+                                                    shared.validation, self._spec(), self.out / "pretrain",
+                                                    seed=cfg.seed * 1000).model_dir}
         streams = training_streams(cfg, cfg.teacher, shared.train, len(shared.classes), None, shared.pool_index)
         trained = train_model(cfg, "teacher", cfg.model.teacher, streams, self._spec(),
                               placement_group_file=self.out / PLACEMENT_GROUPS_FILE,
-                              student=False, out_dir=self.out / "iter0", seed=cfg.seed * 1000)
+                              student=False, out_dir=self.out / "iter0", seed=cfg.seed * 1000,
+                              init_backbone_dir=teacher_init_dir(cfg, backbone))
         return {"model": cfg.model.teacher, "model_dir": trained.model_dir}
 
     def _score(self, teacher: dict[str, Any], iteration: int) -> str:

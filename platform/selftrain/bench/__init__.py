@@ -9,7 +9,9 @@ module of each part for exactly what each side includes):
    prepared rows (goal >= 0.85);
 3. `driver_rss_ratio`: driver RSS growth scoring a pool of 10 N files / of N files (goal <= 1.2);
 5. `consistency_training_ratio`: FixMatch steps through Ray Train (1 worker, a labeled and an
-   unlabeled stream) / a bare FixMatch loop over the same rows (goal >= 0.85; `bench/consistency.py`).
+   unlabeled stream) / a bare FixMatch loop over the same rows (goal >= 0.85; `bench/consistency.py`);
+6. `pretrain_ratio`: SimCLR pretraining steps through Ray Train (1 worker, two views per image) /
+   a bare SimCLR loop over the same views (goal >= 0.85; `bench/pretrain.py`).
 
 And one without a goal (4.), for machines without a GPU: `plumbing_ratio`, the share of a fast
 device's speed (an H100's ResNet-50 rate) that the scoring pipeline keeps when only the device
@@ -35,9 +37,9 @@ import torch
 
 from selftrain.config import ScoringConfig
 
-PARTS = ("driver_memory", "scoring", "training", "plumbing", "consistency")
+PARTS = ("driver_memory", "scoring", "training", "plumbing", "consistency", "pretrain")
 GOALS = {"scoring_ratio": (">=", 0.90), "training_ratio": (">=", 0.85), "driver_rss_ratio": ("<=", 1.2),
-         "consistency_training_ratio": (">=", 0.85)}
+         "consistency_training_ratio": (">=", 0.85), "pretrain_ratio": (">=", 0.85)}
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,17 @@ class BenchSizes:
     consistency_steps: int  # per epoch
     consistency_pool: int  # unlabeled rows
     consistency_labeled: int
+    pretrain_arch: str  # SimCLR: batch_size images, two views each, per step
+    pretrain_size: int
+    pretrain_batch: int
+    pretrain_epochs: int
+    pretrain_images: int
 
 
 QUICK = BenchSizes("resnet18", 4096, 40, 32, 256, "resnet18", 768, 32, 3, 64, 5_000, 8, 1.0, 8192,
-                   "cnn_small", 16, 32, 7, 4, 20, 2_048, 256)
+                   "cnn_small", 16, 32, 7, 4, 20, 2_048, 256, "cnn_small", 16, 128, 4, 2_560)
 FULL = BenchSizes("resnet50", 32768, 256, 224, 256, "resnet50", 12800, 224, 3, 128, 100_000, 8, 4.0, 32768,
-                  "wrn_28_2", 32, 64, 7, 4, 50, 16_384, 4_000)
+                  "wrn_28_2", 32, 64, 7, 4, 50, 16_384, 4_000, "wrn_28_2", 32, 512, 4, 25_600)
 PLUMBING_SIZE = 224
 
 
@@ -86,7 +93,7 @@ def _model_dir(root: Path, arch: str, size: int, num_classes: int = 10) -> str:
 
 
 RATIO_OF = {"scoring": "scoring_ratio", "training": "training_ratio", "driver_memory": "driver_rss_ratio",
-            "consistency": "consistency_training_ratio"}
+            "consistency": "consistency_training_ratio", "pretrain": "pretrain_ratio"}
 
 
 def repeated(part: str, repeats: int, measure, say=print) -> dict[str, Any]:
@@ -158,6 +165,14 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
                 sizes.consistency_arch, sizes.consistency_labeled, sizes.consistency_pool, sizes.consistency_size,
                 sizes.consistency_epochs, sizes.consistency_steps, sizes.consistency_batch, sizes.cpus_per_actor,
                 use_gpu, mu=sizes.consistency_mu), say)
+        if "pretrain" in parts:
+            from selftrain.bench.pretrain import run_pretrain
+
+            say(f"pretrain: SimCLR, {sizes.pretrain_arch} at {sizes.pretrain_size} px, batch {sizes.pretrain_batch} "
+                f"x 2 views, {sizes.pretrain_epochs} epochs over {sizes.pretrain_images:,} images")
+            results["pretrain"] = repeated("pretrain", repeats, lambda: run_pretrain(
+                "simclr", sizes.pretrain_arch, sizes.pretrain_images, sizes.pretrain_size, sizes.pretrain_epochs,
+                sizes.pretrain_batch, sizes.cpus_per_actor, use_gpu), say)
     results["ratios"] = ratios(results)
     results["ratio_ranges"] = {RATIO_OF[p]: [min(results[p]["repeats"]), max(results[p]["repeats"]),
                                              len(results[p]["repeats"])]
@@ -173,12 +188,7 @@ def _device(use_gpu: bool) -> str:
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float]:
-    found = {}
-    for part, key in (("scoring", "scoring_ratio"), ("training", "training_ratio"),
-                      ("driver_memory", "driver_rss_ratio"), ("consistency", "consistency_training_ratio")):
-        if part in results:
-            found[key] = results[part][key]
-    return found
+    return {key: results[part][key] for part, key in RATIO_OF.items() if part in results}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -231,6 +241,10 @@ def table(results: dict[str, Any]) -> str:
         c = results["consistency"]
         row("5. FixMatch steps, Ray Train 1 worker vs bare", c["ray_train_steps_per_s"], c["bare_steps_per_s"],
             "consistency_training_ratio", unit="step/s")
+    if "pretrain" in results:
+        p = results["pretrain"]
+        row("6. SimCLR steps, Ray Train 1 worker vs bare", p["ray_train_steps_per_s"], p["bare_steps_per_s"],
+            "pretrain_ratio", unit="step/s")
     return "\n".join(lines)
 
 

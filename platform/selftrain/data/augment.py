@@ -46,6 +46,20 @@ def strong_transform(noise: NoiseConfig) -> v2.Compose:
     return v2.Compose(ops)
 
 
+def contrastive_transform(image_size: int, noise: NoiseConfig, crop_scale_min: float, color_jitter: float) -> v2.Compose:
+    """One view of self-supervised pretraining: SimCLR's augmentation for small images (Chen et
+    al. 2020, Sec. B.9: no blur on CIFAR) - a random resized crop of `crop_scale_min` to all of
+    the image, a flip where the data allows, colour jitter with p = 0.8 and grayscale with
+    p = 0.2. Two calls on one image give the two views."""
+    ops: list[v2.Transform] = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
+    if noise.horizontal_flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if color_jitter > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 4)], p=0.8))
+    ops.append(v2.RandomGrayscale(p=0.2))
+    return v2.Compose(ops)
+
+
 def augment_images(images: np.ndarray, transform: v2.Transform, channels_first: bool = False) -> np.ndarray:
     """uint8 NHWC (or NCHW with `channels_first`) -> augmented uint8 NCHW; each image gets its
     own random ops."""

@@ -35,7 +35,9 @@ class Batch:
     `labeled`/`targets`: the supervised stream (one-hot rows for labeled images; soft teacher
     targets for pseudo-labeled ones). `weak`/`strong`: two views of the same unlabeled images
     (None for methods that do not read the pool); `index`: each unlabeled image's slot in
-    `[0, pool_size)` (per-sample state); `truth`: its true class, -1 when unknown.
+    `[0, pool_size)` (per-sample state); `truth`: its true class, -1 when unknown. `views`: two
+    augmented views of the same pool images, for self-supervised pretraining (`pretraining/`),
+    where the supervised stream is empty.
     """
 
     labeled: torch.Tensor
@@ -44,6 +46,7 @@ class Batch:
     strong: torch.Tensor | None = None
     index: torch.Tensor | None = None
     truth: torch.Tensor | None = None
+    views: list[torch.Tensor] | None = None
 
 
 class Comm:
@@ -107,6 +110,10 @@ class Method:
         return {key: self.knob(key) for key in self.defaults}
 
     # -- the loop's contract -----------------------------------------------------------------
+    def network(self, model: nn.Module) -> nn.Module:
+        """What the loop trains: the classifier itself (a pretraining method wraps its backbone)."""
+        return model
+
     def setup(self, model: nn.Module) -> None:
         """Called once the bare model sits on its device (before any restore)."""
         decay = self.knobs.get("ema_decay", self.defaults.get("ema_decay", 0.0))

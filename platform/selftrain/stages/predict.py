@@ -34,7 +34,7 @@ def resolve_model(model: str, download_root: str) -> str:
         if not (Path(model) / SPEC_FILE).exists():
             raise ConfigError(f"MODEL {model}: no {SPEC_FILE} in this folder; point at a model folder "
                               "such as <output_dir>/iter1/model")
-        return model
+        return str(Path(model).resolve())  # Ray's workers run in other directories
     run_id, artifact = None, "model"
     if _RUN_ID.match(model):
         run_id = model

@@ -137,6 +137,12 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
     return dataset.randomize_block_order(seed=cfg.seed)
 
 
+def image_list(images: pd.DataFrame, cfg: PipelineConfig) -> dict[str, Any]:
+    """A few labeled images (`path`, `label`) as the loop decodes them itself, once per worker."""
+    return {"paths": images["path"].tolist(), "labels": images["label"].tolist(),
+            "parquet_column": cfg.data.parquet_image_column}
+
+
 class MlflowEpochs(UserCallback):
     """Logs each epoch's report to an MLflow run as it happens (runs in the Ray Train
     controller), so a trial that Tune stops early keeps the epochs it trained."""
@@ -176,7 +182,7 @@ def train_model(
     cfg: PipelineConfig, name: str, arch: str, streams: Streams,
     spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
     validation: pd.DataFrame | None = None, callbacks: list[Any] | None = None, teacher_dir: str | None = None,
-    placement_group_file: Path | None = None,
+    placement_group_file: Path | None = None, init_backbone_dir: str | None = None,
 ) -> TrainedModel:
     """Fit `arch` by `cfg.students` (a student) or `cfg.teacher` and copy the final model to
     `out_dir/model`. Re-running resumes the same Ray Train run (same name and storage) from its
@@ -184,7 +190,8 @@ def train_model(
 
     `validation` (`path`, `label`) adds `val/accuracy` to every epoch's report; `callbacks` are
     Ray Train `UserCallback`s (a sweep passes Tune's report callback and an MLflow logger);
-    a student starts from `teacher_dir`'s weights when `train.student_init` is `teacher`;
+    a student starts from `teacher_dir`'s weights when `train.student_init` is `teacher`, a
+    teacher from `init_backbone_dir`'s backbone (a pretrained or saved model, `model.init`);
     `placement_group_file` collects the worker group's placement group id (see `sweep.py`)."""
     dropout = cfg.noise.dropout if student else cfg.train.teacher_dropout
     method = cfg.students if student else cfg.teacher
@@ -194,6 +201,7 @@ def train_model(
         "rows": streams.rows, "split_train": streams.split_train, "pool_rows": streams.pool_rows,
         "steps_per_epoch": cfg.train.steps_per_epoch, "seed": seed,
         "init_model_dir": teacher_dir if student and cfg.train.student_init == "teacher" else None,
+        "init_backbone_dir": init_backbone_dir if not student else None,
         "epochs": cfg.train.student_epochs if student else cfg.train.teacher_epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
         "dropout": dropout, "stochastic_depth": cfg.noise.stochastic_depth if student else 0.0,
@@ -202,10 +210,15 @@ def train_model(
         "torch_threads": cfg.train.torch_threads,
         "final_model_dir": str(out_dir / "model"),
         "placement_group_file": str(placement_group_file) if placement_group_file else None,
-        "validation": None if validation is None else {
-            "paths": validation["path"].tolist(), "labels": validation["label"].tolist(),
-            "parquet_column": cfg.data.parquet_image_column},
+        "validation": None if validation is None else image_list(validation, cfg),
     }
+    return fit(cfg, name, loop_config, streams, out_dir, callbacks)
+
+
+def fit(cfg: PipelineConfig, name: str, loop_config: dict[str, Any], streams: Streams, out_dir: Path,
+        callbacks: list[Any] | None = None) -> TrainedModel:
+    """Run `train_loop_per_worker` with `loop_config` on `streams` in a Ray Train run named
+    `name` (re-running resumes it), and copy the final model to `out_dir/model`."""
     use_gpu = wants_gpu(cfg.train.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,

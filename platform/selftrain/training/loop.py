@@ -10,6 +10,10 @@ by Ray Data on CPU:
 - `unlabeled` (online methods only): `weak`, `strong` (two views of one pool image), `index`
   (its slot in `[0, pool_rows)`) and `label` (its true class, -1 when unknown); always split.
 
+Self-supervised pretraining (`pretrain: true`, `pretraining/`) reads one stream, `train`, of
+pool images as `view0`, `view1`, split; its method trains a network around the model's backbone
+and each epoch reports a kNN accuracy of the backbone's features (`val/knn_accuracy`).
+
 Both streams are cycled and every epoch runs the same fixed number of steps on every rank: a
 rank whose iterator ran short while the others still stepped would wait forever in DDP's
 all-reduce (ray issue 66085). Split streams therefore yield only full batches (`drop_last`,
@@ -41,8 +45,11 @@ from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.fsio import atomic_torch_save, atomic_write_json
+from selftrain.evaluation.knn import knn_accuracy
 from selftrain.methods import METHODS, Batch
+from selftrain.models.backbone import load_backbone
 from selftrain.models.registry import build_model
+from selftrain.pretraining import PRETRAIN_METHODS
 
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model.json"
@@ -139,29 +146,40 @@ def _cycle(shard: Any, batch_size: int, device: torch.device, drop: bool, seed: 
             raise TrainingError("a training stream yielded no batch: the dataset is empty")
 
 
-def _validation_set(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The held-out labeled images (a few, by premise), decoded once per worker, un-augmented."""
-    validation = config.get("validation")
-    if not validation:
+def _decoded(images: dict[str, Any] | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A few labeled images (`stages.train.image_list`), decoded once per worker, un-augmented."""
+    if not images:
         return None
-    loaded = load_batch({"path": np.asarray(validation["paths"], dtype=object)}, config["image_size"],
-                        validation["parquet_column"])
+    loaded = load_batch({"path": np.asarray(images["paths"], dtype=object)}, image_size, images["parquet_column"])
     ok = loaded["error"] == ""
-    return (nhwc_to_nchw(torch.from_numpy(loaded["image"][ok])),
-            torch.as_tensor(np.asarray(validation["labels"])[ok]))
+    return nhwc_to_nchw(torch.from_numpy(loaded["image"][ok])), torch.as_tensor(np.asarray(images["labels"])[ok])
 
 
 @torch.no_grad()
-def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-              channels_last: bool, batch_size: int) -> float:
+def _outputs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool,
+             batch_size: int) -> torch.Tensor:
+    """The model's outputs (logits, or a backbone's features) on `images`, in eval mode."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start:start + batch_size].to(device), channels_last=channels_last)
-        correct += int((model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
+    outputs = [model(to_model_input(images[start:start + batch_size].to(device), channels_last=channels_last)).float().cpu()
+               for start in range(0, len(images), batch_size)]
     model.train(was_training)
-    return correct / max(len(images), 1)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool, batch_size: int) -> float:
+    if not len(images):
+        return 0.0
+    return float((_outputs(model, images, device, channels_last, batch_size).argmax(1) == labels).float().mean())
+
+
+def _knn_accuracy(backbone: torch.nn.Module, knn: dict[str, Any], bank: tuple[torch.Tensor, torch.Tensor],
+                  queries: tuple[torch.Tensor, torch.Tensor], num_classes: int, device: torch.device,
+                  channels_last: bool, batch_size: int) -> float:
+    """The pretraining monitor: weighted kNN of the query images among the labeled bank."""
+    features = [_outputs(backbone, images, device, channels_last, batch_size) for images in (bank[0], queries[0])]
+    return knn_accuracy(features[1], queries[1], features[0], bank[1], num_classes, knn["k"], knn["temperature"])
 
 
 class _EpochMetrics:
@@ -226,14 +244,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     channels_last = device.type == "cuda"
     use_amp = device.type == "cuda" and config.get("amp", True)
+    registry = PRETRAIN_METHODS if config.get("pretrain") else METHODS
+    per_epoch = steps_per_epoch(config, world)
+    total = config["epochs"] * per_epoch
+    method = registry[config["method"]](config["num_classes"], config.get("knobs"), total_steps=total,
+                                        pool_size=config.get("pool_rows"))
     model = build_model(config["arch"], config["num_classes"], config["dropout"], config["stochastic_depth"])
+    if config.get("init_backbone_dir"):  # a teacher on a pretrained (or saved) backbone, new classifier
+        load_backbone(model, torch.load(Path(config["init_backbone_dir"]) / MODEL_FILE, map_location="cpu",
+                                        weights_only=True))
+    model = method.network(model)  # the model itself, or a pretraining network around its backbone
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights match the channels_last inputs
     model = model.to(device)
-    per_epoch = steps_per_epoch(config, world)
-    total = config["epochs"] * per_epoch
-    method = METHODS[config["method"]](config["num_classes"], config.get("knobs"), total_steps=total,
-                                       pool_size=config.get("pool_rows"))
     method.setup(model)
 
     if rank == 0 and config.get("placement_group_file"):
@@ -275,7 +298,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("online"):
         pool = _cycle(ray.train.get_dataset_shard("unlabeled"), config["mu"] * config["batch_size"], device,
                       drop=True, seed=config["seed"] * 1000 + 100 * rank + start_epoch + 7, shuffle_buffer=None)
-    validation = _validation_set(config)
+    validation = _decoded(config.get("validation"), config["image_size"])
+    knn = config.get("knn")
+    knn_sets = (_decoded(knn["bank"], config["image_size"]), _decoded(knn["queries"], config["image_size"])) if knn else None
     metric_keys: list[str] | None = None
     streak: dict[str, int] = {}
 
@@ -299,7 +324,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             method.after_step(model)
-            sums.add(metrics, len(batch.labeled) + (len(batch.weak) if batch.weak is not None else 0))
+            sums.add(metrics, _images(batch))
         metric_keys = metric_keys or sorted(metrics)
         means, seen = sums.reduce(metric_keys)
         seconds, mark = time.perf_counter() - mark, time.perf_counter()
@@ -309,6 +334,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         evaluated = method.eval_model(model)
         if validation is not None:  # every rank evaluates the same images: no gather needed
             epoch_metrics["val/accuracy"] = _accuracy(evaluated, *validation, device, channels_last, config["batch_size"])
+        if knn_sets is not None:
+            epoch_metrics["val/knn_accuracy"] = _knn_accuracy(method.features_model(model), knn, *knn_sets,
+                                                              config["num_classes"], device, channels_last,
+                                                              config["batch_size"])
         history.append(epoch_metrics)
         _watch(epoch_metrics, config, streak, epoch + 1)
         last = epoch + 1 == config["epochs"]
@@ -336,10 +365,20 @@ def _record_placement_group(path: Path) -> None:
             handle.write(group.id.hex() + "\n")
 
 
+def _images(batch: Batch) -> int:
+    """Images a step trained on (each view of an image counted once: images, not forwards)."""
+    if batch.views is not None:
+        return len(batch.views[0])
+    return len(batch.labeled) + (len(batch.weak) if batch.weak is not None else 0)
+
+
 def _batch(train: dict[str, torch.Tensor], pool: dict[str, torch.Tensor] | None, channels_last: bool) -> Batch:
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return to_model_input(images, channels_last=channels_last)
 
+    if "view0" in train:  # self-supervised pretraining: two views of pool images, no labels
+        views = [prepare(train["view0"]), prepare(train["view1"])]
+        return Batch(views[0][:0], views[0].new_zeros(0, 0), views=views)
     batch = Batch(prepare(train["image"]), train["target"].float())
     if pool is not None:
         batch.weak, batch.strong = prepare(pool["weak"]), prepare(pool["strong"])

@@ -1,0 +1,77 @@
+"""Self-supervised pretraining of the teacher's backbone on the unlabeled pool (`pretrain:`).
+
+The pool (its index, `stages/pool_index.py`) streams through Ray Data, which makes two
+augmented views of every image in CPU tasks (`contrastive_transform`); Ray Train trains the
+method's network (`pretraining/`) with the same loop, checkpoints and resume as every other
+model. Each epoch reports `val/knn_accuracy`: a weighted kNN of the test images among the
+labeled ones on the backbone's features (solo-learn's and lightly's monitor). The saved model is
+the backbone in its classifier's format; the teacher starts from it (`model.init: pretrain`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray.data
+from ray.data.expressions import col
+
+from selftrain.config import NoiseConfig, PipelineConfig
+from selftrain.data.augment import augment_images, contrastive_transform
+from selftrain.data.decode import load_batch
+from selftrain.errors import TrainingError
+from selftrain.stages.train import VIEW_BATCH, Streams, TrainedModel, _repeated, _repeats, fit, image_list
+
+
+def _pretrain_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop_scale_min: float,
+                    color_jitter: float, parquet_column: str) -> dict[str, Any]:
+    """`{path, ...}` of pool images -> two independently augmented views of each (uint8 NCHW)."""
+    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
+    images = loaded["image"][loaded["error"] == ""]  # a file that vanished or broke since indexing is skipped
+    transform = contrastive_transform(size, noise, crop_scale_min, color_jitter)
+    return {"view0": augment_images(images, transform), "view1": augment_images(images, transform)}
+
+
+def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any]) -> ray.data.Dataset:
+    """The pool's two views per image, in the index's (once shuffled) order, streamed."""
+    cpus, pretrain = cfg.train.data_cpus_per_task, cfg.pretrain
+    readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
+    paths = _repeated(readable.select_columns(["path"]), _repeats(pool_index["rows"], pretrain.batch_size))
+    return paths.map_batches(_pretrain_views, fn_kwargs={
+        "size": cfg.data.image_size, "noise": cfg.noise, "crop_scale_min": pretrain.crop_scale_min,
+        "color_jitter": pretrain.color_jitter, "parquet_column": cfg.data.parquet_image_column,
+    }, batch_size=VIEW_BATCH, num_cpus=cpus)
+
+
+def knn_monitor(cfg: PipelineConfig, labeled: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
+    """What the loop's per-epoch kNN reads: the labeled images (the bank) and up to
+    `pretrain.knn_queries` test images (a fixed sample, the same every epoch)."""
+    queries = test if len(test) <= cfg.pretrain.knn_queries else test.sample(cfg.pretrain.knn_queries,
+                                                                               random_state=cfg.seed)
+    return {"bank": image_list(labeled, cfg), "queries": image_list(queries, cfg),
+            "k": cfg.pretrain.knn_k, "temperature": cfg.pretrain.knn_temperature}
+
+
+def pretrain_model(cfg: PipelineConfig, arch: str, pool_index: dict[str, Any], labeled: pd.DataFrame,
+                   test: pd.DataFrame, spec: dict[str, Any], out_dir: Path, seed: int,
+                   callbacks: list[Any] | None = None) -> TrainedModel:
+    """Pretrain `arch`'s backbone by `cfg.pretrain.method`; the model lands in `out_dir/model`."""
+    if not pool_index["rows"]:
+        raise TrainingError("pretraining learns from the unlabeled pool, but the pool has no readable image")
+    pretrain = cfg.pretrain
+    rows = pool_index["rows"] * _repeats(pool_index["rows"], pretrain.batch_size)
+    loop_config = {
+        **spec, "arch": arch, "pretrain": True, "method": pretrain.method, "knobs": pretrain.knobs(),
+        "online": False, "rows": rows, "split_train": True, "pool_rows": pool_index["rows"],
+        "steps_per_epoch": pretrain.steps_per_epoch or max(pool_index["rows"] // (cfg.train.num_workers * pretrain.batch_size), 1),
+        "seed": seed, "epochs": pretrain.epochs, "batch_size": pretrain.batch_size, "lr": pretrain.lr,
+        "weight_decay": pretrain.weight_decay, "dropout": 0.0, "stochastic_depth": 0.0,
+        "shuffle_buffer": 0, "amp": cfg.train.amp, "checkpoint_every": cfg.train.checkpoint_every,
+        "torch_threads": cfg.train.torch_threads, "final_model_dir": str(out_dir / "model"),
+        "knn": knn_monitor(cfg, labeled, test),
+    }
+    return fit(cfg, "pretrain", loop_config, Streams(pretrain_views(cfg, pool_index), rows), out_dir, callbacks)
+
+
+

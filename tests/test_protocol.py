@@ -34,7 +34,7 @@ def test_label_counts_need_a_builtin_dataset(tmp_path):
 def test_protocol_runs_each_label_count_and_reads_finished_runs_back(ray_session, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["protocol", str(REPO / "pipelines" / "smoke.yaml"), f"output_dir={tmp_path / 'protocol'}",
-            "iterations=0", "baseline=false", "train.teacher_epochs=2", "train.steps_per_epoch=4",
+            "iterations=0", "baseline=false", "train.teacher_epochs=1", "train.steps_per_epoch=4",
             f"data.cache_dir={tmp_path / 'cache'}", "--labels-per-class", "1,3", "--seeds", "1"]
     with tracking_uri_set(uri):
         assert main(args) == 0

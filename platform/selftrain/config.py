@@ -627,7 +627,8 @@ def describe_config(cfg: BaseModel, prefix: str = "") -> list[str]:
                 lines.append(f"* {key}: (set)  # default None; {field.description or ''}")
             lines += describe_config(value, f"{key}.")
             continue
-        notes = [f"default {default!r}"] + [n for n in (_bounds(field), field.description or "") if n]
+        notes = ["required" if field.is_required() else f"default {default!r}"] + [
+            n for n in (_bounds(field), field.description or "") if n]
         changed = "*" if value != default else " "
         lines.append(f"{changed} {key}: {value!r}  # " + "; ".join(notes))
     return lines

@@ -72,6 +72,3 @@ def pretrain_model(cfg: PipelineConfig, arch: str, pool_index: dict[str, Any], l
         "knn": knn_monitor(cfg, labeled, test),
     }
     return fit(cfg, "pretrain", loop_config, Streams(pretrain_views(cfg, pool_index), rows), out_dir, callbacks)
-
-
-

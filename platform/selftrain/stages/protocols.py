@@ -25,13 +25,12 @@ import ray.data
 import torch
 
 from selftrain.config import MethodConfig, PipelineConfig, ScoringConfig
-from selftrain.data.decode import load_batch
 from selftrain.errors import ConfigError, DataError
 from selftrain.evaluation.knn import knn_accuracy
 from selftrain.evaluation.linear_probe import linear_probe_accuracy
 from selftrain.models.backbone import strip_classifier
 from selftrain.stages.evaluate import evaluate
-from selftrain.stages.score import TeacherScorer, infer
+from selftrain.stages.score import TeacherScorer, decoded, infer
 from selftrain.stages.train import train_model, training_streams
 from selftrain.training.loop import SPEC_FILE
 
@@ -56,10 +55,8 @@ def extract_features(images: pd.DataFrame, model_dir: str, cfg: ScoringConfig, i
                      parquet_column: str = "image") -> pd.DataFrame:
     """`images` (`path`, `label`, any other columns) with `features` (a vector per row), the
     unreadable rows dropped; in one pass through the actor pool."""
-    rows = ray.data.from_pandas(images)
-    decoded = rows.map_batches(load_batch, fn_kwargs={"size": image_size, "parquet_column": parquet_column},
-                               batch_size=64, num_cpus=0.5)
-    out = infer(decoded, model_dir, cfg, scorer=FeatureExtractor).to_pandas()
+    rows = decoded(ray.data.from_pandas(images), image_size, from_paths=True, parquet_column=parquet_column)
+    out = infer(rows, model_dir, cfg, scorer=FeatureExtractor).to_pandas()
     out = out[out["error"] == ""]
     if out.empty:
         raise DataError(f"none of the {len(images)} images could be read to extract features")

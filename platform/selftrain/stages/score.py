@@ -205,12 +205,16 @@ def score(
 ) -> ray.data.Dataset:
     """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`.
     `tta` only from `score_pool`: the test set (`evaluate`) is scored on the plain image."""
+    return infer(decoded(rows, image_size, from_paths, parquet_column), model_dir, cfg,
+                 **({"tta": tuple(tta)} if tta else {}))
+
+
+def decoded(rows: ray.data.Dataset, image_size: int, from_paths: bool, parquet_column: str = "image") -> ray.data.Dataset:
+    """Lazy: rows of file paths (`from_paths`) or of bytes -> decoded `{image, error, ...}` in CPU tasks."""
     if from_paths:
-        decoded = rows.map_batches(load_batch, fn_kwargs={"size": image_size, "parquet_column": parquet_column},
-                                   batch_size=64, num_cpus=0.5)
-    else:
-        decoded = rows.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=64, num_cpus=0.5)
-    return infer(decoded, model_dir, cfg, **({"tta": tuple(tta)} if tta else {}))
+        return rows.map_batches(load_batch, fn_kwargs={"size": image_size, "parquet_column": parquet_column},
+                                batch_size=64, num_cpus=0.5)
+    return rows.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=64, num_cpus=0.5)
 
 
 def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer: type = TeacherScorer,

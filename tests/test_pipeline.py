@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -24,10 +26,12 @@ def smoke(ray_session, digits, tmp_path_factory):
     bad = write_corrupt_files(pool / "4")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = [SMOKE, f"output_dir={root / 'run'}", *digits_overrides(digits, pool)]
+    console = io.StringIO()  # what a user sees, not a terminal (a Ray job's log, CI)
     with tracking_uri_set(uri):
-        code = main(["run", *args])
+        with contextlib.redirect_stdout(console):
+            code = main(["run", *args])
         yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
-               "summary_path": root / "run" / "summary.json"}
+               "summary_path": root / "run" / "summary.json", "console": console.getvalue()}
 
 
 def _summary(smoke):
@@ -84,6 +88,23 @@ def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):
         "plots/confusion_matrix.png", "plots/confidence_histogram.png", "plots/pseudo_label_counts.png"}
     assert {a.path for a in client.list_artifacts(teacher.info.run_id, "plots")} == {"plots/confusion_matrix.png"}
     assert "plots/accuracy_per_iteration.png" in {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
+
+
+def test_console_shows_progress_and_the_table_and_sends_ray_output_to_the_log(smoke):
+    lines = smoke["console"].splitlines()
+    assert len(lines) < 60, smoke["console"]
+    text = smoke["console"]
+    # Progress of each long stage, as lines (not a terminal): the teacher's last epoch, the scoring pass.
+    assert "[iteration 0] teacher cnn_tiny: epoch 15/15  loss" in text
+    assert "[iteration 1] student cnn_tiny: epoch 1/1  loss" in text
+    scored = [line for line in lines if "[iteration 1] scoring the pool: " in line]
+    assert scored and "1,300 images" in scored[-1] and "3 unreadable" in scored[-1]  # 1,297 good + 3 corrupt
+    assert "iteration    role    model" in text and "summary: " in text
+    # Ray's own output (execution plans, training reports) is in the run's log file, not here.
+    assert "Execution plan" not in text and "Reporting training result" not in text
+    logs = list((smoke["root"] / "run" / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and f"log: {logs[0]}" in text
+    assert "Execution plan" in logs[0].read_text()
 
 
 def test_rerun_resumes_without_redoing_stages_or_duplicating_runs(smoke, capsys):

@@ -7,25 +7,22 @@ import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from selftrain import __version__
+from selftrain.console import LOGGER
 from selftrain.errors import SIGTERM_RECEIVED, SelftrainError, Terminated, raise_terminated
 from selftrain.fsio import OutputLock
 from selftrain.masking import redact
 
 
-def _progress() -> Callable[[str], None]:
-    start = time.monotonic()
+def _console(args: argparse.Namespace, log_dir: str | Path, command: str) -> Any:
+    """The console of a command (`console.console`): selftrain's lines and progress on stdout,
+    Ray's and MLflow's output in `log_dir/logs/`; `--verbose` shows all, `--quiet` the result only."""
+    from selftrain.console import console
 
-    def say(line: str) -> None:
-        minutes, seconds = divmod(int(time.monotonic() - start), 60)
-        print(f"[{minutes:02d}:{seconds:02d}] {redact(line)}", flush=True)
-
-    return say
+    return console("verbose" if args.verbose else "quiet" if args.quiet else "normal", log_dir, command)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -34,12 +31,14 @@ def _run(args: argparse.Namespace) -> int:
     from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
-    check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
-    with OutputLock(cfg.output_dir, "run"):  # a busy output_dir is refused before Ray starts
+    # A busy output_dir is refused before Ray starts.
+    with OutputLock(cfg.output_dir, "run"), _console(args, cfg.output_dir, "run") as shown:
+        check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
         init_ray(args.num_cpus)
+        shown.start_progress()
         from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
 
-        summary = run_pipeline(cfg, say=_progress())
+        summary = run_pipeline(cfg)
     print(summary_table(summary))
     print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
     return 0
@@ -52,10 +51,11 @@ def _sweep(args: argparse.Namespace) -> int:
     from selftrain.tracking import check_tracking_store
 
     cfg, sweep = load_sweep(args.sweep, args.overrides)
-    check_tracking_store()
-    with OutputLock(cfg.output_dir, "sweep"):
+    with OutputLock(cfg.output_dir, "sweep"), _console(args, cfg.output_dir, "sweep") as shown:
+        check_tracking_store()
         init_ray(args.num_cpus)
-        summary = run_sweep(cfg, sweep, resume=args.resume, say=_progress())
+        shown.start_progress()
+        summary = run_sweep(cfg, sweep, resume=args.resume)
     print(sweep_table(summary))
     print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
     return 0
@@ -76,7 +76,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _add_sweep_commands(commands: Any) -> None:
     sweep = commands.add_parser(
-        "sweep", help="run a sweep YAML: Ray Tune over pipeline keys, one shared teacher pass",
+        "sweep", parents=[_output_flags()], help="run a sweep YAML: Ray Tune over pipeline keys, one shared teacher pass",
         description="Sweep a pipeline's knobs with Ray Tune (ASHA by default). The YAML is a pipeline plus a "
                     "'sweep:' section; overrides are dotted.key=value, e.g. output_dir=runs/sweep1 sweep.num_samples=2")
     sweep.add_argument("sweep", help="sweep YAML, e.g. pipelines/quickstart_sweep.yaml")
@@ -103,10 +103,13 @@ def _predict(args: argparse.Namespace) -> int:
     from selftrain.ray_runtime import init_ray
 
     cfg = ScoringConfig(batch_size=args.batch_size, max_rejected_fraction=args.max_rejected_fraction)
-    init_ray(args.num_cpus)
-    from selftrain.stages.predict import predict  # heavy: torch, Ray Data
+    out = Path(args.out).resolve()
+    with _console(args, out.parent, "predict") as shown:
+        init_ray(args.num_cpus)
+        shown.start_progress()
+        from selftrain.stages.predict import predict  # heavy: torch, Ray Data
 
-    result = predict(args.model, args.data, str(Path(args.out).resolve()), cfg, args.parquet_column)
+        result = predict(args.model, args.data, str(out), cfg, args.parquet_column)
     print(f"predicted {result['files'] - result['unreadable']} images ({result['unreadable']} unreadable or "
           f"skipped, named in the error column) into {result['out']}; classes: {', '.join(result['classes'])}")
     return 0
@@ -122,9 +125,10 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.pipeline, args.overrides)
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
     out = Path(args.out or os.path.join(cfg.output_dir, "eval")).expanduser().resolve()
-    check_tracking_store()
-    with OutputLock(out, "eval"):
+    with OutputLock(out, "eval"), _console(args, out, "eval") as shown:
+        check_tracking_store()
         init_ray(args.num_cpus)
+        shown.start_progress()
         from selftrain.stages.predict import resolve_model  # heavy: torch, Ray Data
         from selftrain.stages.protocols import evaluate_backbone
         from selftrain.tracking import Tracker
@@ -161,12 +165,13 @@ def _protocol(args: argparse.Namespace) -> int:
         labels = [int(n) for n in args.labels_per_class.split(",") if n.strip()]
     except ValueError:
         raise ConfigError(f"--labels-per-class {args.labels_per_class!r}: give counts like 1,4,25") from None
-    check_tracking_store()
-    with OutputLock(cfg.output_dir, "protocol"):
+    with OutputLock(cfg.output_dir, "protocol"), _console(args, cfg.output_dir, "protocol") as shown:
+        check_tracking_store()
         init_ray(args.num_cpus)
+        shown.start_progress()
         from selftrain.protocol import run_protocol  # heavy: torch, Ray Data
 
-        result = run_protocol(cfg, labels, args.seeds, say=_progress())
+        result = run_protocol(cfg, labels, args.seeds)
     print("test accuracy (%), mean ± std over seeds (runs), by labeled images per class:")
     print(result["table"].to_string())
     print(f"tables: {result['out']}/protocol.csv, protocol.md; every run: runs.csv (MLflow run {result['mlflow_run_id']})")
@@ -203,14 +208,24 @@ def _bench(args: argparse.Namespace) -> int:
         if args.quick:
             print("bench: no GPU visible here, so the quick mode (small models and pools); "
                   "--full forces the GPU-sized bench", flush=True)
-    init_ray(args.num_cpus)  # before the clocks: Ray's start-up is not part of any measurement
-    results = run_bench(args.quick, parts, args.tmp_dir, say=lambda line: print(line, flush=True),
-                        repeats=args.repeats)
-    out = Path(args.out or f"runs/bench/bench-{results['mode']}.json")
+    out = Path(args.out or f"runs/bench/bench-{'quick' if args.quick else 'full'}.json")
+    with _console(args, out.resolve().parent, "bench") as shown:  # no progress board: nothing extra timed
+        init_ray(args.num_cpus)  # before the clocks: Ray's start-up is not part of any measurement
+        shown.reroute_libraries()
+        results = run_bench(args.quick, parts, args.tmp_dir, say=LOGGER.info, repeats=args.repeats)
     run_id = record(results, out, " ".join(["selftrain", *sys.argv[1:]]))
     print(table(results))
     print(f"results: {out}" + (f"; MLflow run {run_id}" if run_id else " (mlflow not installed: not logged)"))
     return 0
+
+
+def _output_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    chosen = flags.add_mutually_exclusive_group()
+    chosen.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and MLflow's own output (otherwise in <output folder>/logs/)")
+    chosen.add_argument("--quiet", action="store_true", help="warnings, errors and the final result only")
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"selftrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "run", help="run a pipeline YAML (resumes when output_dir holds an unfinished run)",
+        "run", parents=[_output_flags()], help="run a pipeline YAML (resumes when output_dir holds an unfinished run)",
         description="Run a pipeline. Overrides are dotted.key=value, e.g. iterations=3 "
                     "pseudo_label.threshold=0.8 data.labeled=/data/labeled")
     run.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/quickstart.yaml")
@@ -228,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPUs for a local Ray (ignored when joining a cluster via RAY_ADDRESS)")
     run.set_defaults(handler=_run)
     bench = commands.add_parser(
-        "bench", help="measure scoring and training against bare PyTorch loops, and driver memory",
+        "bench", parents=[_output_flags()], help="measure scoring and training against bare PyTorch loops, and driver memory",
         description="Print, write as JSON and log to MLflow: scoring_ratio, training_ratio, "
                     "driver_rss_ratio on this machine. --quick takes a few minutes on a laptop.")
     bench.add_argument("--quick", action="store_true", default=None, help="small models and pools (CPU laptop)")
@@ -245,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench)
     _add_sweep_commands(commands)
     predict = commands.add_parser(
-        "predict", help="label images with a trained model (Ray Data, the scoring path) into Parquet",
+        "predict", parents=[_output_flags()], help="label images with a trained model (Ray Data, the scoring path) into Parquet",
         description="One row per file of DATA: path, class, class_index, confidence, probabilities, error "
                     "(unreadable files keep their row and reason). MODEL: a model folder "
                     "(<output_dir>/iter1/model), an MLflow run id, or runs:/<run id>/model. DATA: a folder "
@@ -260,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     predict.set_defaults(handler=_predict)
     evaluate = commands.add_parser(
-        "eval", help="score a saved model's backbone by the representation-learning protocols",
+        "eval", parents=[_output_flags()], help="score a saved model's backbone by the representation-learning protocols",
         description="knn: weighted kNN of the test images among the labeled ones on frozen features; "
                     "linear: a logistic-regression probe on frozen features; finetune: the whole network "
                     "trained supervised from the backbone on --label-fraction of the labeled images. The "
@@ -279,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     evaluate.set_defaults(handler=_eval)
     protocol = commands.add_parser(
-        "protocol", help="a pipeline over label counts x seeds: mean ± std per label count",
+        "protocol", parents=[_output_flags()], help="a pipeline over label counts x seeds: mean ± std per label count",
         description="Runs PIPELINE (a built-in dataset) once per labeled-images-per-class count and seed, each "
                     "into <output_dir>/labels<n>-seed<s> (finished runs are read back, not redone), and "
                     "prints mean ± std of test accuracy per label count for the baseline, teacher, each "

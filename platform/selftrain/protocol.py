@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from selftrain.config import PipelineConfig, with_params
+from selftrain.console import LOGGER
 from selftrain.errors import ConfigError
 from selftrain.fsio import atomic_write_json, atomic_write_text
 from selftrain.ledger import Ledger
@@ -41,7 +42,7 @@ def _models(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def run_protocol(cfg: PipelineConfig, labels_per_class: list[int], seeds: int,
-                 say: Callable[[str], None] = print) -> dict[str, Any]:
+                 say: Callable[[str], None] = LOGGER.info) -> dict[str, Any]:
     """Every (labels, seed) run of `cfg`, then the table of mean ± std per label count."""
     if not cfg.data.builtin:
         raise ConfigError("selftrain protocol varies data.labels_per_class, which applies to a built-in dataset "

@@ -26,6 +26,7 @@ import pandas as pd
 
 from selftrain import plots
 from selftrain.config import PRETRAIN_KNOBS, MethodConfig, PipelineConfig
+from selftrain.console import LOGGER, end_task, progress_task
 from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
@@ -65,7 +66,7 @@ class Run:
         return self.cfg.seed * 1000 + iteration
 
 
-def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print, parent_id: str | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = LOGGER.info, parent_id: str | None = None) -> dict[str, Any]:
     """The whole pipeline into `cfg.output_dir`; its MLflow run is a child of `parent_id` when
     given (`selftrain protocol`)."""
     check_method_knobs(cfg)
@@ -175,9 +176,13 @@ def score_stage(run: Run, iteration: int, teacher: dict[str, Any]) -> str:
         run.say(f"[iteration {iteration}] teacher {teacher['model']} scores the pool")
         classes = run.sets.classes if run.paths.pool_has_class_folders else None
         pool = read_pool(run.paths.unlabeled, run.cfg.data.parquet_image_column, classes)
-        return score_pool(pool, teacher["model_dir"], run.cfg.scoring, run.cfg.data.image_size,
-                          fresh_dir(run.out / f"iter{iteration}" / "scoring"),
-                          pool_name=f"data.unlabeled={run.paths.unlabeled}")
+        progress = progress_task(f"[iteration {iteration}] scoring the pool")
+        try:
+            return score_pool(pool, teacher["model_dir"], run.cfg.scoring, run.cfg.data.image_size,
+                              fresh_dir(run.out / f"iter{iteration}" / "scoring"),
+                              pool_name=f"data.unlabeled={run.paths.unlabeled}", progress=progress)
+        finally:
+            end_task(progress)
 
     return run.ledger.stage(f"iter{iteration}/scores", compute)
 
@@ -341,7 +346,8 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     live = MlflowEpochs(run.tracker.uri, cfg.name, child) if child else None
     trained = train_model(cfg, f"{key}-{role}", arch, streams, spec, student=pseudo is not None,
                           out_dir=run.out / key, seed=run.seed(iteration), teacher_dir=teacher_dir,
-                          callbacks=[live] if live else None, init_backbone_dir=init_backbone_dir)
+                          callbacks=[live] if live else None, init_backbone_dir=init_backbone_dir,
+                          label=f"[iteration {iteration}] {role} {arch}")
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
 

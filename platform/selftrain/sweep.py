@@ -30,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from selftrain import plots
 from selftrain.config import PipelineConfig, SweepConfig, with_params
+from selftrain.console import LOGGER
 from selftrain.data.folders import load_labeled_sets
 from selftrain.errors import ConfigError, SweepError
 from selftrain.fsio import OutputLock, atomic_write_json, atomic_write_text
@@ -58,7 +59,7 @@ def changes_teacher(key: str, keys: tuple[str, ...] = TEACHER_KEYS) -> bool:
 
 
 def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False,
-              say: Callable[[str], None] = print) -> dict[str, Any]:
+              say: Callable[[str], None] = LOGGER.info) -> dict[str, Any]:
     started = time.monotonic()
     if cfg.iterations < 1:
         raise ConfigError("iterations: a sweep trains at least one student per trial (got 0); "

@@ -71,4 +71,5 @@ def pretrain_model(cfg: PipelineConfig, arch: str, pool_index: dict[str, Any], l
         "torch_threads": cfg.train.torch_threads, "final_model_dir": str(out_dir / "model"),
         "knn": knn_monitor(cfg, labeled, test),
     }
-    return fit(cfg, "pretrain", loop_config, Streams(pretrain_views(cfg, pool_index), rows), out_dir, callbacks)
+    return fit(cfg, "pretrain", loop_config, Streams(pretrain_views(cfg, pool_index), rows), out_dir, callbacks,
+               label=f"[pretrain] {pretrain.method} {arch}")

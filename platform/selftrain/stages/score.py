@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ray.data import ActorPoolStrategy
 
 from selftrain.config import ScoringConfig
+from selftrain.console import post
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch, load_batch
 from selftrain.data.listing import SKIPPED
@@ -136,7 +137,9 @@ class TeacherScorer:
 
     tta: tuple[str, ...] = ()  # a subclass that sets itself up (the bench's) scores the plain image
 
-    def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool, tta: Sequence[str] = ()):
+    def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool, tta: Sequence[str] = (),
+                 progress: dict[str, Any] | None = None):
+        self.progress = progress  # {"board", "task"}: each batch posted to the CLI's progress board
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.spec = load_model(model_dir)
         self.on_gpu = self.device.type == "cuda"
@@ -196,17 +199,21 @@ class TeacherScorer:
         prediction[~ok], conf[~ok] = -1, 0.0
         out = {key: value for key, value in batch.items() if key != "image"}
         out.update(logits=logits, prediction=prediction.astype(np.int64), confidence=conf.astype(np.float32))
+        if self.progress:
+            post(self.progress["board"], {"task": self.progress["task"], "unit": "img", "total": self.progress.get("total"),
+                                          "done": len(ok), "unreadable": int((~ok).sum())})
         return out
 
 
 def score(
     rows: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int,
-    from_paths: bool, parquet_column: str = "image", tta: Sequence[str] = (),
+    from_paths: bool, parquet_column: str = "image", tta: Sequence[str] = (), progress: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`.
-    `tta` only from `score_pool`: the test set (`evaluate`) is scored on the plain image."""
+    `tta` only from `score_pool`: the test set (`evaluate`) is scored on the plain image;
+    `progress` (`console.progress_task`) posts each batch to the CLI's progress board."""
     return infer(decoded(rows, image_size, from_paths, parquet_column), model_dir, cfg,
-                 **({"tta": tuple(tta)} if tta else {}))
+                 **({"tta": tuple(tta)} if tta else {}), **({"progress": progress} if progress else {}))
 
 
 def decoded(rows: ray.data.Dataset, image_size: int, from_paths: bool, parquet_column: str = "image") -> ray.data.Dataset:
@@ -237,14 +244,14 @@ def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer:
 
 
 def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int, out_dir: Path,
-               pool_name: str = "data.unlabeled") -> str:
+               pool_name: str = "data.unlabeled", progress: dict[str, Any] | None = None) -> str:
     """Score every pool image and write `{path, label, error, logits, prediction, confidence}`
     as sharded Parquet; then stop with DataError if the pool was empty or mostly unreadable.
     Under `cfg.tta` the views' mean probability p̄ is scored: `logits` = log p̄."""
     scores_dir = out_dir / "scores"
     # Write tasks at half a CPU, as every other pool task: at Ray's default (1 CPU) they wait
     # behind the scoring actor and the decode tasks on a 2-core machine until decoding ends.
-    score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta).write_parquet(
+    score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta, progress=progress).write_parquet(
         str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
     check_scores(str(scores_dir), cfg.max_rejected_fraction, pool_name)
     return str(scores_dir)

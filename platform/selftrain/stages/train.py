@@ -23,6 +23,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from selftrain.config import MethodConfig, NoiseConfig, PipelineConfig
+from selftrain.console import post, progress_board
 from selftrain.data.augment import augment_images, strong_transform, train_transform
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
@@ -161,6 +162,18 @@ class MlflowEpochs(UserCallback):
         self._tracker.log_metrics(self.run_id, epoch_metrics, step=step)
 
 
+class ProgressEpochs(UserCallback):
+    """Posts each epoch's report to the CLI's progress board (runs in the Ray Train controller)."""
+
+    def __init__(self, board: Any, task: str, epochs: int):
+        self.board, self.task, self.epochs = board, task, epochs
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        fields = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}
+        post(self.board, {"task": self.task, "unit": "epoch", "total": self.epochs,
+                          "done": int(fields.get("epoch", 0)), "fields": fields})
+
+
 def default_max_failures(configured: int | None) -> int:
     """`train.max_failures` as set, else 3 on a multi-node cluster (nodes come and go: spot,
     preemption) and 0 on one machine (a failure there is a bug, shown at once)."""
@@ -182,7 +195,7 @@ def train_model(
     cfg: PipelineConfig, name: str, arch: str, streams: Streams,
     spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
     validation: pd.DataFrame | None = None, callbacks: list[Any] | None = None, teacher_dir: str | None = None,
-    placement_group_file: Path | None = None, init_backbone_dir: str | None = None,
+    placement_group_file: Path | None = None, init_backbone_dir: str | None = None, label: str | None = None,
 ) -> TrainedModel:
     """Fit `arch` by `cfg.students` (a student) or `cfg.teacher` and copy the final model to
     `out_dir/model`. Re-running resumes the same Ray Train run (same name and storage) from its
@@ -212,14 +225,19 @@ def train_model(
         "placement_group_file": str(placement_group_file) if placement_group_file else None,
         "validation": None if validation is None else image_list(validation, cfg),
     }
-    return fit(cfg, name, loop_config, streams, out_dir, callbacks)
+    return fit(cfg, name, loop_config, streams, out_dir, callbacks, label)
 
 
 def fit(cfg: PipelineConfig, name: str, loop_config: dict[str, Any], streams: Streams, out_dir: Path,
-        callbacks: list[Any] | None = None) -> TrainedModel:
+        callbacks: list[Any] | None = None, label: str | None = None) -> TrainedModel:
     """Run `train_loop_per_worker` with `loop_config` on `streams` in a Ray Train run named
-    `name` (re-running resumes it), and copy the final model to `out_dir/model`."""
+    `name` (re-running resumes it), and copy the final model to `out_dir/model`. Under the CLI
+    each epoch shows as progress of the task `label` (default: `name` and the architecture)."""
     use_gpu = wants_gpu(cfg.train.use_gpu)
+    board = progress_board()
+    if board is not None:
+        task = label or f"{name} {loop_config['arch']}"
+        callbacks = [*(callbacks or []), ProgressEpochs(board, task, int(loop_config["epochs"]))]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

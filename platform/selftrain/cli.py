@@ -25,15 +25,32 @@ def _console(args: argparse.Namespace, log_dir: str | Path, command: str) -> Any
     return console("verbose" if args.verbose else "quiet" if args.quiet else "normal", log_dir, command)
 
 
+def _check_tracking(args: argparse.Namespace) -> None:
+    """The MLflow store answers (before any output folder is made); MLflow's notes on creating
+    a new sqlite store's tables are shown with --verbose only."""
+    import logging
+
+    from selftrain.tracking import check_tracking_store
+
+    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        check_tracking_store()
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _run(args: argparse.Namespace) -> int:
     from selftrain.config import load_config
     from selftrain.ray_runtime import init_ray
-    from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
+    _check_tracking(args)  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
     # A busy output_dir is refused before Ray starts.
     with OutputLock(cfg.output_dir, "run"), _console(args, cfg.output_dir, "run") as shown:
-        check_tracking_store()  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
         init_ray(args.num_cpus)
         shown.start_progress()
         from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
@@ -48,11 +65,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from selftrain.config import load_sweep
     from selftrain.ray_runtime import init_ray
     from selftrain.sweep import run_sweep, sweep_table
-    from selftrain.tracking import check_tracking_store
 
     cfg, sweep = load_sweep(args.sweep, args.overrides)
+    _check_tracking(args)
     with OutputLock(cfg.output_dir, "sweep"), _console(args, cfg.output_dir, "sweep") as shown:
-        check_tracking_store()
         init_ray(args.num_cpus)
         shown.start_progress()
         summary = run_sweep(cfg, sweep, resume=args.resume)
@@ -120,13 +136,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     from selftrain.config import load_config
     from selftrain.ray_runtime import init_ray
-    from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    _check_tracking(args)
     out = Path(args.out or os.path.join(cfg.output_dir, "eval")).expanduser().resolve()
     with OutputLock(out, "eval"), _console(args, out, "eval") as shown:
-        check_tracking_store()
         init_ray(args.num_cpus)
         shown.start_progress()
         from selftrain.stages.predict import resolve_model  # heavy: torch, Ray Data
@@ -158,15 +173,14 @@ def _protocol(args: argparse.Namespace) -> int:
     from selftrain.config import load_config
     from selftrain.errors import ConfigError
     from selftrain.ray_runtime import init_ray
-    from selftrain.tracking import check_tracking_store
 
     cfg = load_config(args.pipeline, args.overrides)
     try:
         labels = [int(n) for n in args.labels_per_class.split(",") if n.strip()]
     except ValueError:
         raise ConfigError(f"--labels-per-class {args.labels_per_class!r}: give counts like 1,4,25") from None
+    _check_tracking(args)
     with OutputLock(cfg.output_dir, "protocol"), _console(args, cfg.output_dir, "protocol") as shown:
-        check_tracking_store()
         init_ray(args.num_cpus)
         shown.start_progress()
         from selftrain.protocol import run_protocol  # heavy: torch, Ray Data

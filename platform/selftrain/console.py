@@ -218,10 +218,12 @@ class Progress:
         from tqdm import tqdm
 
         if task.bar is None:
-            task.bar = tqdm(total=task.total, desc=task.name, unit=task.unit, file=self.stream, leave=True,
-                            dynamic_ncols=True, unit_scale=task.unit != "epoch")
+            # tqdm's own rate is the driver's (events arrive in bursts): the line carries the workers'.
+            shape = "{bar:20} {desc} [{elapsed}]" if task.total else "{desc} [{elapsed}]"
+            task.bar = tqdm(total=task.total, desc=task.name, file=self.stream, leave=True, dynamic_ncols=True,
+                            bar_format=shape)
         task.bar.n = task.done
-        task.bar.set_postfix_str(task.line().split(": ", 1)[1], refresh=True)
+        task.bar.set_description_str(task.line(), refresh=True)
 
     def _close(self, task: _Task) -> None:
         if task.bar is not None:

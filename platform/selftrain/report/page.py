@@ -32,12 +32,13 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: 
 h1 { font-size: 1.5rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; border-bottom: 1px solid #d5dae3;
      padding-bottom: .2rem; margin-top: 2rem; } h3 { font-size: 1rem; margin-bottom: .3rem; }
 .meta { color: #5b6475; margin-top: 0; }
-table { border-collapse: collapse; margin: .5rem 0 1rem; font-variant-numeric: tabular-nums; }
+table { border-collapse: collapse; margin: .5rem 0 1rem; font-variant-numeric: tabular-nums;
+        display: block; max-width: 100%; overflow-x: auto; }
 th, td { border: 1px solid #d5dae3; padding: .2rem .55rem; text-align: right; }
 th { background: #f1f3f7; text-align: left; } td.text { text-align: left; }
 .figures { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 img { max-width: 100%; height: auto; border: 1px solid #eceff4; }
-.figures > img { max-width: calc(50% - .5rem); }
+.figures > img, .figures > div { max-width: calc(50% - .5rem); }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: 12px; }
 .notice { background: #fff6e0; border-left: 4px solid #e0a100; padding: .5rem .8rem; margin: 1rem 0; }
 .notice.ok { background: #eaf7ee; border-color: #2e9d50; }

@@ -129,12 +129,13 @@ def _confusion(run: PipelineRun) -> str:
         title = f"{key}: {record['role']} {record['model']}, test accuracy {confusion['accuracy']:.3f}"
         drawn = (figure(plots.confusion_matrix(matrix, classes, title), f"{key} confusion matrix",
                         figure="confusion", key=key) if len(classes) <= DRAWN_CLASSES else "")
-        rows = [[text_cell(name)] + [cell(int(v), true=t, predicted=p) for p, v in enumerate(matrix[t])]
+        rows = [[text_cell(name)] + [cell(int(v), metric="confusion", key=key, true=t, predicted=p) for p, v in enumerate(matrix[t])]
                 for t, name in enumerate(classes)]
-        parts.append(f"<h3>{esc(key)} ({esc(record['role'])} {esc(record['model'])})</h3>{drawn}"
+        parts.append(f"<div><h3>{esc(key)} ({esc(record['role'])} {esc(record['model'])})</h3>{drawn}"
                      f"<details><summary>as a table (rows: true class, columns: predicted; "
                      f"{confusion['test_images']} readable test images)</summary>"
-                     + table(["true \\ predicted", *classes], rows, table="confusion", key=key) + "</details>")
+                     + table(["true \\ predicted", *classes], rows, table="confusion", key=key) + "</details></div>")
+    parts = [f'<div class="figures">{"".join(parts)}</div>'] if parts else []
     if absent:
         parts.append(notice([f"no confusion matrix on disk for {esc(', '.join(absent))}: "
                              "<code>&lt;stage&gt;/evaluation/confusion_matrix.json</code> is written by runs of "

@@ -29,7 +29,7 @@ def _keys(summary: dict[str, Any]) -> list[str]:
 def _best(out: Path, summary: dict[str, Any]) -> str:
     objective, teacher = summary["objective"], summary.get("teacher")
     rows = [[text_cell("best trial"), text_cell(summary["best_trial"], metric="best-trial")],
-            *([text_cell(k), text_cell(v, metric="best-param", key=k)] for k, v in summary["best_params"].items()),
+            *([text_cell(k), text_cell(str(v), metric="best-param", key=k)] for k, v in summary["best_params"].items()),
             [text_cell(f"best {objective}"), cell(summary["best_val_accuracy"], metric="best_val_accuracy")],
             [text_cell("best trial's test accuracy"), cell(summary.get("best_test_accuracy"), metric="best_test_accuracy")]]
     if teacher:
@@ -68,7 +68,7 @@ def _frame(summary: dict[str, Any]) -> pd.DataFrame:
 def _trials(summary: dict[str, Any]) -> str:
     objective, keys = summary["objective"], _keys(summary)
     ranked = sorted(summary["trials"], key=lambda t: (t["objective"] is None, -(t["objective"] or 0.0), t["trial_id"]))
-    rows = [[text_cell(t["trial_id"]), *(text_cell(t["params"].get(k)) for k in keys), text_cell(t["status"]),
+    rows = [[text_cell(t["trial_id"]), *(text_cell(str(t["params"].get(k))) for k in keys), text_cell(t["status"]),
              cell(t.get("epochs")), cell(t["objective"], metric="objective", trial=t["trial_id"]),
              text_cell(t.get("error") or ""), text_cell(t.get("mlflow_run_id"))] for t in ranked]
     counts = summary.get("trials_by_status", {})

@@ -69,10 +69,10 @@ def test_sweep_report_shows_each_trial_each_key_the_best_config_and_the_early_st
     assert (early["stopped-early"], early["failed"]) == ("1", "1")
     assert "trial a_00002 (pseudo_label.threshold=0.9, noise.randaugment_magnitude=5): stopped after 1 epoch" in html
     assert "keeps 0 of 1297 pool images" in html
-    # the summary's best_config path is gone (a copied folder): the file beside it is shown
+    # the summary's best_config path is gone (a copied folder): the file in OUTPUT_DIR is shown
     assert "name: handmade\npseudo_label:\n  threshold: 0.5" in html
-    shown = next(e["text"] for e in elements if e.get("config") == "sweep")
-    assert yaml.safe_load(shown)["sweep"]["space"] == SPACE
+    shown = {e["config"]: yaml.safe_load(e["text"]) for e in elements if "config" in e}
+    assert shown["sweep"]["sweep"]["space"] == SPACE and shown["base-pipeline"] == {"name": "handmade", "iterations": 1}
 
 
 def test_an_unfinished_sweep_is_refused_with_what_to_do(tmp_path, capsys):

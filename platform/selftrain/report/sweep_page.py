@@ -18,15 +18,15 @@ BEST_CONFIG_FILE = "best_config.yaml"
 
 def sweep_body(out: Path, summary: dict[str, Any], config: dict[str, Any] | None) -> str:
     return "\n".join(part for part in (
-        _best(out, summary), _trials(summary), _per_key(summary), _early(summary), _mlflow(summary),
-        _config(config)) if part)
+        _best(summary), _trials(summary), _per_key(summary), _early(summary), _best_config(out),
+        _mlflow(summary), _config(config)) if part)
 
 
 def _keys(summary: dict[str, Any]) -> list[str]:
     return list(summary["best_params"])
 
 
-def _best(out: Path, summary: dict[str, Any]) -> str:
+def _best(summary: dict[str, Any]) -> str:
     objective, teacher = summary["objective"], summary.get("teacher")
     rows = [[text_cell("best trial"), text_cell(summary["best_trial"], metric="best-trial")],
             *([text_cell(k), text_cell(str(v), metric="best-param", key=k)] for k, v in summary["best_params"].items()),
@@ -42,21 +42,16 @@ def _best(out: Path, summary: dict[str, Any]) -> str:
     body = table(["", "value"], rows, table="best")
     if summary.get("best_test_accuracy") is None:
         body += notice(["no test accuracy: ASHA stopped every trial early, so no trial left a final model"])
-    config_path = _best_config_path(out, summary)
-    if config_path:
-        body += (f"<h3>Best config</h3><p><code>{esc(config_path)}</code>, runnable with "
-                 f"<code>selftrain run {esc(config_path)}</code>:</p>" + pre(config_path.read_text(), config="best"))
-    else:
-        body += notice([f"{BEST_CONFIG_FILE} is not in {esc(out)}"])
     return section("Best trial", body, "best")
 
 
-def _best_config_path(out: Path, summary: dict[str, Any]) -> Path | None:
-    """The best config where the sweep wrote it, else beside summary.json (a copied folder)."""
-    for path in (Path(summary.get("best_config") or out / BEST_CONFIG_FILE), out / BEST_CONFIG_FILE):
-        if path.is_file():
-            return path
-    return None
+def _best_config(out: Path) -> str:
+    """`best_config.yaml`, read from OUTPUT_DIR (where the sweep writes it; also in a copied folder)."""
+    path = out / BEST_CONFIG_FILE
+    if not path.is_file():
+        return section("Best config", notice([f"{BEST_CONFIG_FILE} is not in {esc(out)}"]), "best-config")
+    return section("Best config", f"<p><code>{esc(path)}</code>, runnable with <code>selftrain run "
+                   f"{esc(path)}</code>:</p>" + pre(path.read_text(), config="best"), "best-config")
 
 
 def _frame(summary: dict[str, Any]) -> pd.DataFrame:
@@ -121,9 +116,12 @@ def _mlflow(summary: dict[str, Any]) -> str:
 def _config(config: dict[str, Any] | None) -> str:
     if config is None:
         return ""
-    return section("Sweep config", "<p>The base pipeline and the search space, as the sweep recorded them in "
-                   "state.json (credentials masked).</p>" + pre(yaml.safe_dump(config, sort_keys=False),
-                                                                config="sweep"), "config")
+    sweep, pipeline = config.get("sweep"), config.get("pipeline")
+    return section("Sweep config", "<p>The search space and the base pipeline, as the sweep recorded them in "
+                   "state.json (credentials masked).</p>" + pre(yaml.safe_dump({"sweep": sweep}, sort_keys=False),
+                                                                config="sweep")
+                   + "<details><summary>the base pipeline</summary>"
+                   + pre(yaml.safe_dump(pipeline, sort_keys=False), config="base-pipeline") + "</details>", "config")
 
 
 def sweep_title(summary: dict[str, Any]) -> str:

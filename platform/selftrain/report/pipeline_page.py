@@ -124,23 +124,30 @@ def _confusion(run: PipelineRun) -> str:
         confusion = run.confusion(key)
         if confusion is None:
             absent.append(key)
-            continue
-        matrix, classes = np.asarray(confusion["matrix"]), confusion["classes"]
-        title = f"{key}: {record['role']} {record['model']}, test accuracy {confusion['accuracy']:.3f}"
-        drawn = (figure(plots.confusion_matrix(matrix, classes, title), f"{key} confusion matrix",
-                        figure="confusion", key=key) if len(classes) <= DRAWN_CLASSES else "")
-        rows = [[text_cell(name)] + [cell(int(v), metric="confusion", key=key, true=t, predicted=p) for p, v in enumerate(matrix[t])]
-                for t, name in enumerate(classes)]
-        parts.append(f"<div><h3>{esc(key)} ({esc(record['role'])} {esc(record['model'])})</h3>{drawn}"
-                     f"<details><summary>as a table (rows: true class, columns: predicted; "
-                     f"{confusion['test_images']} readable test images)</summary>"
-                     + table(["true \\ predicted", *classes], rows, table="confusion", key=key) + "</details></div>")
+        else:
+            parts.append(f"<div><h3>{esc(key)} ({esc(record['role'])} {esc(record['model'])})</h3>"
+                         + _matrix(key, record, confusion) + "</div>")
     parts = [f'<div class="figures">{"".join(parts)}</div>'] if parts else []
     if absent:
         parts.append(notice([f"no confusion matrix on disk for {esc(', '.join(absent))}: "
                              "<code>&lt;stage&gt;/evaluation/confusion_matrix.json</code> is written by runs of "
                              "this selftrain version and later (older runs: the MLflow artifact of each model run)"]))
     return section("Confusion matrices on the test set", "\n".join(parts), "confusion") if parts else ""
+
+
+def _matrix(key: str, record: dict[str, Any], confusion: dict[str, Any]) -> str:
+    """The figure, and the counts as a table, of one recorded matrix (many classes: the file named)."""
+    matrix, classes = np.asarray(confusion["matrix"]), confusion["classes"]
+    if len(classes) > DRAWN_CLASSES:
+        return (f"<p>{len(classes)} classes: too many to draw; the matrix is in <code>{esc(key)}/evaluation/"
+                f"confusion_matrix.json</code> (test accuracy {number(confusion['accuracy'])}).</p>")
+    title = f"{key}: {record['role']} {record['model']}, test accuracy {confusion['accuracy']:.3f}"
+    rows = [[text_cell(name)] + [cell(int(v), metric="confusion", key=key, true=t, predicted=p)
+                                 for p, v in enumerate(matrix[t])] for t, name in enumerate(classes)]
+    return (figure(plots.confusion_matrix(matrix, classes, title), f"{key} confusion matrix", figure="confusion", key=key)
+            + f"<details><summary>as a table (rows: true class, columns: predicted; {confusion['test_images']} "
+            "readable test images)</summary>" + table(["true \\ predicted", *classes], rows, table="confusion", key=key)
+            + "</details>")
 
 
 def _seconds(run: PipelineRun) -> str:
@@ -159,8 +166,8 @@ def _unreadable(run: PipelineRun) -> str:
         return section("Unreadable files", '<p data-metric="rejected-count" data-value="0">none</p>', "unreadable")
     rows = [[text_cell(r["path"]), text_cell(r["reason"])] for r in listed[:LISTED_FILES]]
     return section("Unreadable files", f'<p data-metric="rejected-count" data-value="{count}">{count} files could not '
-                   f"be read and were skipped; the first {min(len(rows), count)} (all {len(listed)} named are in "
-                   "summary.json):</p>" + table(["path", "reason"], rows, table="unreadable"), "unreadable")
+                   f"be read and were skipped; summary.json names {len(listed)} of them, the first {len(rows)} here:</p>"
+                   + table(["path", "reason"], rows, table="unreadable"), "unreadable")
 
 
 def _mlflow(run: PipelineRun) -> str:

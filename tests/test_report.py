@@ -16,9 +16,9 @@ from conftest import external_references, page_data
 SPACE = {"pseudo_label.threshold": {"grid": [0.0, 0.5, 0.9]}, "noise.randaugment_magnitude": {"choice": [5, 9]}}
 TRIALS = [
     {"trial_id": "a_00000", "params": {"pseudo_label.threshold": 0.0, "noise.randaugment_magnitude": 5},
-     "objective": 0.6, "status": "completed", "epochs": 4, "error": None, "mlflow_run_id": "run-a"},
+     "objective": 0.6166666666666667, "status": "completed", "epochs": 4, "error": None, "mlflow_run_id": "run-a"},
     {"trial_id": "a_00001", "params": {"pseudo_label.threshold": 0.5, "noise.randaugment_magnitude": 9},
-     "objective": 0.8, "status": "completed", "epochs": 4, "error": None, "mlflow_run_id": "run-b"},
+     "objective": 0.8333333333333334, "status": "completed", "epochs": 4, "error": None, "mlflow_run_id": "run-b"},
     {"trial_id": "a_00002", "params": {"pseudo_label.threshold": 0.9, "noise.randaugment_magnitude": 5},
      "objective": 0.3, "status": "stopped_early", "epochs": 1, "error": None, "mlflow_run_id": "run-c"},
     {"trial_id": "a_00003", "params": {"pseudo_label.threshold": 0.9, "noise.randaugment_magnitude": 9},
@@ -40,7 +40,7 @@ def _sweep_dir(tmp_path, with_summary=True):
             "objective": "val/accuracy", "labeled_train_images": 40,
             "teacher": {"model": "cnn_tiny", "test_accuracy": 0.7, "val_accuracy": 0.5, "mlflow_run_id": "teacher",
                         "model_dir": "/nowhere"},
-            "trials": TRIALS, "best_trial": "a_00001", "best_params": TRIALS[1]["params"], "best_val_accuracy": 0.8,
+            "trials": TRIALS, "best_trial": "a_00001", "best_params": TRIALS[1]["params"], "best_val_accuracy": 0.8333333333333334,
             "best_test_accuracy": 0.7555555555555555, "best_config": "/moved/elsewhere/best_config.yaml",
             "teacher_scoring_passes": 1, "trials_by_status": {"completed": 2, "stopped_early": 1, "failed": 1},
             "wall_seconds": 312.5, "tracking_errors": []}))
@@ -59,6 +59,8 @@ def test_sweep_report_shows_each_trial_each_key_the_best_config_and_the_early_st
     assert external_references(html) == [] and "<script" not in html.lower()
     elements = page_data(html)
     assert _by(elements, "objective", "trial") == {t["trial_id"]: t["objective"] and repr(t["objective"]) for t in TRIALS}
+    assert {e["trial"]: e["text"] for e in elements if e.get("metric") == "objective"} == {
+        "a_00000": "0.6167", "a_00001": "0.8333", "a_00002": "0.3000", "a_00003": "–"}
     assert _by(elements, "best_test_accuracy", "metric") == {"best_test_accuracy": "0.7555555555555555"}
     assert [e["text"] for e in elements if e.get("metric") == "best-trial"] == ["a_00001"]
     # one scatter per swept key, and the bars per trial

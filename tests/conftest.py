@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +107,58 @@ def tracking_uri_set(uri: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def chromium_path() -> str:
+    """Debian's Chromium (`.ci/run` installs it); Playwright's own download needs a CDN."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 and not os.environ.get("SELFTRAIN_REQUIRE_UI_TEST"):  # CI sets it: fail, never skip
+        pytest.skip("chromium is not installed and this user cannot install it (apt-get install -y chromium)")
+    pytest.fail("chromium is not installed: `apt-get install -y chromium` (.ci/run does it before pytest)")
+
+
+class _DataElements(HTMLParser):
+    """Every element with data- attributes: its attributes (without `data-`) and its text."""
+
+    VOID = {"img", "meta", "br", "hr", "input", "link"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[dict[str, str]] = []
+        self.open: list[tuple[str, dict[str, str], list[str]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        data = {k[5:]: v for k, v in attrs if k.startswith("data-")}
+        if tag in self.VOID:
+            if data:
+                self.found.append({**data, "tag": tag, "text": ""})
+            return
+        self.open.append((tag, data, []))
+
+    def handle_endtag(self, tag):
+        while self.open:
+            name, data, text = self.open.pop()
+            if data:
+                self.found.append({**data, "tag": name, "text": "".join(text).strip()})
+            if name == tag:
+                return
+
+    def handle_data(self, data):
+        for _, _, text in self.open:
+            text.append(data)
+
+
+def page_data(html: str) -> list[dict[str, str]]:
+    """The elements of a report page that carry data- attributes (numbers: `value` exact, `text` shown)."""
+    parser = _DataElements()
+    parser.feed(html)
+    parser.close()
+    return parser.found
+
+
+def external_references(html: str) -> list[str]:
+    """Every src/href/url() of a page that is not inline data or an in-page anchor."""
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)|url\(\s*["']?([^"')]+)""", html, flags=re.I)
+    return [ref for pair in refs for ref in pair if ref and not ref.startswith(("data:", "#"))]

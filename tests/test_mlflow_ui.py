@@ -4,13 +4,11 @@ served by a real `mlflow server`; Chromium is Debian's (`.ci/run` installs it), 
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
-import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from conftest import chromium_path
 from mlflow_server import mlflow_server
 from selftrain.plots import accuracy_per_iteration
 from selftrain.tracking import Tracker
@@ -18,15 +16,6 @@ from selftrain.tracking import Tracker
 CHILDREN = ["iter0-teacher-resnet18", "iter1-student-resnet18"]
 START = time.monotonic()
 WAIT_MS = 45_000  # the React app renders after its API calls; on a loaded 2-core machine, slowly
-
-
-def _chromium() -> str:
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.geteuid() != 0 and not os.environ.get("SELFTRAIN_REQUIRE_UI_TEST"):  # CI sets it: fail, never skip
-        pytest.skip("chromium is not installed and this user cannot install it (apt-get install -y chromium)")
-    pytest.fail("chromium is not installed: `apt-get install -y chromium` (.ci/run does it before pytest)")
 
 
 def _fill(tracker: Tracker) -> tuple[str, str]:
@@ -41,7 +30,7 @@ def _fill(tracker: Tracker) -> tuple[str, str]:
 
 
 def test_mlflow_ui_shows_the_run_tree_and_a_plot(tmp_path):
-    chromium = _chromium()
+    chromium = chromium_path()
     with mlflow_server(tmp_path) as (url, _), sync_playwright() as playwright:
         tracker = Tracker("ui-check", url)
         parent, student = _fill(tracker)

@@ -7,13 +7,17 @@ import io
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
+from playwright.sync_api import sync_playwright
 
 from selftrain.cli import main
 
-from conftest import REPO, copy_tree, digits_overrides, experiment_runs, tracking_uri_set, write_corrupt_files
+from conftest import (REPO, chromium_path, copy_tree, digits_overrides, experiment_runs, external_references,
+                      page_data, tracking_uri_set, write_corrupt_files)
 
 SMOKE = str(REPO / "pipelines" / "smoke.yaml")
 
@@ -64,6 +68,106 @@ def test_summary_reports_every_iteration_and_every_unreadable_file(smoke, capsys
     assert len(good) == 1297
     assert student["pseudo_label_accuracy"] == pytest.approx((good["prediction"] == good["label"]).mean())
     assert student["pseudo_label_accuracy"] >= 0.5
+
+
+def _by(elements, metric, key="key"):
+    """{the `key` attribute: (exact value, shown text)} of the page's elements of `metric`."""
+    return {e.get(key): (e["value"], e["text"]) for e in elements if e.get("metric") == metric}
+
+
+def _check_report_numbers(elements, smoke):
+    """The page shows what the run wrote: accuracies, pseudo-label counts and stage seconds of
+    summary.json, per-class counts of state.json, each confusion matrix as recounted from that
+    model's test_predictions.parquet (whose accuracy is the summary's)."""
+    summary = _summary(smoke)
+    models = {f"iter{r['iteration']}": r for r in summary["iterations"]}
+    assert _by(elements, "test_accuracy") == {k: (repr(r["test_accuracy"]), f"{r['test_accuracy']:.4f}")
+                                              for k, r in models.items()}
+    assert _by(elements, "pseudo_labels_kept") == {k: (str(r["pseudo_labels_kept"]),) * 2 for k, r in models.items()}
+    state = json.loads((smoke["root"] / "run" / "state.json").read_text())
+    per_class = state["records"]["iter1/pseudo_labels"]["stats"]["kept_per_class"]
+    assert _by(elements, "pseudo_kept_class", "class-index") == {str(c): (str(n),) * 2 for c, n in enumerate(per_class)}
+    assert _by(elements, "pseudo_kept_total", "iteration") == {"1": (str(models["iter1"]["pseudo_labels_kept"]),) * 2}
+    assert _by(elements, "stage_seconds", "stage") == {k: (repr(v), f"{v:.1f}") for k, v in summary["stage_seconds"].items()}
+    assert _by(elements, "rejected-count", "metric")["rejected-count"][0] == str(summary["rejected_count"]) == "3"
+    for key, record in models.items():
+        rows = pd.read_parquet(record["test_predictions"])
+        good = rows[rows["error"] == ""]
+        expected = np.zeros((10, 10), dtype=int)
+        np.add.at(expected, (good["label"], good["prediction"]), 1)
+        assert np.trace(expected) / expected.sum() == record["test_accuracy"]
+        shown = np.full((10, 10), -1)
+        for e in elements:
+            if e.get("metric") == "confusion" and e["key"] == key:
+                shown[int(e["true"]), int(e["predicted"])] = int(e["value"])
+        assert (shown == expected).all(), key
+
+
+def test_report_shows_the_runs_own_numbers_in_one_self_contained_file(smoke, capsys):
+    run_dir = smoke["root"] / "run"
+    assert main(["report", str(run_dir)]) == 0
+    assert str(run_dir / "report.html") in capsys.readouterr().out
+    html = (run_dir / "report.html").read_text()
+    assert external_references(html) == [] and "<script" not in html.lower()
+    assert "default-src 'none'" in html  # the browser may fetch nothing, not even by mistake
+    elements = page_data(html)
+    _check_report_numbers(elements, smoke)
+    figures = sorted(e["figure"] for e in elements if e["tag"] == "img")
+    assert figures == ["accuracy", "class-counts", "confidence", "confusion", "confusion"]
+    assert [e["status"] for e in elements if "status" in e] == ["finished"]
+
+
+def test_report_renders_in_headless_chromium(smoke, tmp_path):
+    """The page as a reader sees it: every figure decodes, no request leaves the file, and the
+    numbers read back from the rendered DOM are summary.json's."""
+    chromium = chromium_path()
+    target = tmp_path / "shared" / "smoke-report.html"  # --out: anywhere, e.g. to attach
+    assert main(["report", str(smoke["root"] / "run"), "--out", str(target)]) == 0
+    requests = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(target.as_uri(), wait_until="load")
+            sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+            elements = page.eval_on_selector_all(
+                "[data-metric], [data-figure], [data-status]",
+                "els => els.map(e => ({...e.dataset, tag: e.tagName.toLowerCase(), text: e.innerText.trim()}))")
+            screenshot = tmp_path / "smoke-report.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            print(f"screenshot: {screenshot}")
+        finally:
+            browser.close()
+    assert requests == [target.as_uri()]
+    assert len(sizes) == 5 and all(done and w >= 400 and h >= 300 for done, w, h in sizes), sizes
+    summary = _summary(smoke)
+    assert _by(elements, "test_accuracy") == {f"iter{r['iteration']}": (repr(r["test_accuracy"]), f"{r['test_accuracy']:.4f}")
+                                              for r in summary["iterations"]}
+    assert _by(elements, "pseudo_labels_kept")["iter1"] == ("1297", "1297")
+    assert _by(elements, "pseudo_kept_total", "iteration") == {"1": ("1297", "1297")}
+    with Image.open(screenshot) as image:
+        assert image.width == 1200 and image.height > 2000
+        assert np.asarray(image.convert("L")).std() > 20  # drawn, not a blank page
+
+
+def test_report_of_an_unfinished_run_shows_what_is_done_and_names_what_is_missing(smoke, tmp_path):
+    partial = copy_tree(smoke["root"] / "run", tmp_path / "run")
+    (partial / "summary.json").unlink()
+    state = json.loads((partial / "state.json").read_text())
+    for key in ("iter1/result", "seconds/iter1/student"):  # stopped while the student trained
+        del state["records"][key]
+    (partial / "state.json").write_text(json.dumps(state))
+    assert main(["report", str(partial)]) == 0
+    html = (partial / "report.html").read_text()
+    elements = page_data(html)
+    teacher = _summary(smoke)["iterations"][0]
+    assert _by(elements, "test_accuracy") == {"iter0": (repr(teacher["test_accuracy"]), f"{teacher['test_accuracy']:.4f}")}
+    assert _by(elements, "pseudo_kept_total", "iteration") == {"1": ("1297", "1297")}  # its pseudo-labels are done
+    assert [e["status"] for e in elements if "status" in e] == ["unfinished"]
+    assert "iteration 1 (cnn_tiny): student" in html and "summary.json: the run has not finished" in html
+    assert sorted(e["figure"] for e in elements if e["tag"] == "img") == ["accuracy", "class-counts", "confidence",
+                                                                          "confusion"]
 
 
 def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):

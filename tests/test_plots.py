@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from selftrain import plots
@@ -18,6 +19,10 @@ def test_each_figure_renders_something(tmp_path):
         "hist.png": plots.confidence_histogram([0] * 50 + [3] * 50, [2] * 50 + [0] * 50, 0.5, "h"),
         "counts.png": plots.class_counts([3, 7], ["a", "b"], "c"),
         "acc.png": plots.accuracy_per_iteration([0.8, 0.9], ["resnet18", "resnet34"]),
+        "acc_baseline.png": plots.accuracy_per_iteration([0.8, 0.9], ["resnet18", "resnet34"], baseline=0.7),
+        "trials.png": plots.objective_per_trial(pd.DataFrame({
+            "trial_id": ["a", "b", "c"], "status": ["completed", "stopped_early", "failed"],
+            "val/accuracy": [0.8, 0.5, None]}), "val/accuracy", best="a"),
     }
     for name, fig in figures.items():
         pixels = _pixels(fig, tmp_path, name)

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from selftrain.cli import main
 from selftrain.config import load_config
 
-from conftest import REPO, digits_overrides, experiment_runs, tracking_uri_set
+from conftest import REPO, digits_overrides, experiment_runs, external_references, page_data, tracking_uri_set
 
 SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 
@@ -108,6 +108,21 @@ def test_best_config_runs_as_a_pipeline_with_the_best_knobs(swept):
     cfg = load_config(summary["best_config"])
     assert cfg.pseudo_label.threshold == summary["best_params"]["pseudo_label.threshold"]
     assert cfg.train.student_epochs == 2 and cfg.name == "sweep_smoke"
+
+
+def test_report_shows_each_trials_objective_the_key_it_swept_and_the_best_config(swept, capsys):
+    sweep_dir = swept["root"] / "sweep"
+    assert main(["report", str(sweep_dir)]) == 0
+    html = (sweep_dir / "report.html").read_text()
+    assert external_references(html) == [] and "<script" not in html.lower()
+    summary, elements = _summary(swept), page_data(html)
+    assert {e["trial"]: e["value"] for e in elements if e.get("metric") == "objective"} == {
+        t["trial_id"]: repr(t["objective"]) for t in summary["trials"]}
+    assert [e["value"] for e in elements if e.get("metric") == "best_test_accuracy"] == [repr(summary["best_test_accuracy"])]
+    assert [e["key"] for e in elements if e.get("figure") == "objective-per-key"] == ["pseudo_label.threshold"]
+    best = next(e["text"] for e in elements if e.get("config") == "best")
+    assert best == (sweep_dir / "best_config.yaml").read_text().strip()
+    assert next(e for e in elements if "stopped-early" in e)["stopped-early"] == "0"
 
 
 def test_mlflow_holds_the_sweep_its_teacher_and_one_run_per_trial(swept):

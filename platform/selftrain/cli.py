@@ -90,6 +90,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from selftrain.report import write_report
+
+    path, kind = write_report(args.output_dir, args.out)
+    print(f"report of the {kind} in {Path(args.output_dir).resolve()}: {path}")
+    return 0
+
+
 def _add_sweep_commands(commands: Any) -> None:
     sweep = commands.add_parser(
         "sweep", parents=[_output_flags()], help="run a sweep YAML: Ray Tune over pipeline keys, one shared teacher pass",
@@ -319,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--seeds", type=int, default=3, help="seeds per label count: seed, seed+1, ... (default 3)")
     protocol.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     protocol.set_defaults(handler=_protocol)
+    report = commands.add_parser(
+        "report", help="one self-contained HTML page for a run or sweep, to attach to a ticket or mail",
+        description="Read what a `selftrain run` (finished or not) or a finished `selftrain sweep` wrote to "
+                    "OUTPUT_DIR and write one HTML page: no network needed to open it (figures inline, no "
+                    "scripts). A run: accuracy per model, pseudo-label confidence and per-class counts per "
+                    "iteration, confusion matrices, pretraining, seconds per stage, unreadable files, MLflow "
+                    "run ids, the config. A sweep: the objective per trial and against each swept key, the best "
+                    "config, trials stopped early. Starts no Ray and no MLflow.")
+    report.add_argument("output_dir", help="the run's or sweep's output_dir, e.g. runs/quickstart")
+    report.add_argument("--out", default=None, help="HTML file to write (default <OUTPUT_DIR>/report.html)")
+    report.set_defaults(handler=_report)
     config = commands.add_parser("config", help="show a pipeline's resolved config, every key documented")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser(

@@ -1,6 +1,6 @@
 """Files that a crash cannot leave half-written, and one process per output directory.
 
-`atomic_write_text` / `atomic_torch_save`: write a uniquely named temporary file beside the
+`atomic_write_text` / `atomic_write_parquet` / `atomic_torch_save`: write a uniquely named temporary file beside the
 target, fsync it, rename it over the target and fsync the directory, so a reader sees the old
 file or the new one, never a truncated one, even after a power loss.
 
@@ -63,6 +63,11 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def atomic_write_json(path: Path | str, data: Any, **dump_kwargs: Any) -> None:
     atomic_write_text(path, json.dumps(data, **dump_kwargs))
+
+
+def atomic_write_parquet(path: Path | str, frame: Any) -> None:
+    """A pandas DataFrame as one Parquet file."""
+    _atomic_write(Path(path), lambda handle: frame.to_parquet(handle, index=False))
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> None:

@@ -49,9 +49,14 @@ def class_counts(counts: Sequence[int], classes: Sequence[str], title: str) -> F
     return fig
 
 
-def accuracy_per_iteration(accuracies: Sequence[float], models: Sequence[str]) -> Figure:
+def accuracy_per_iteration(accuracies: Sequence[float], models: Sequence[str], baseline: float | None = None) -> Figure:
+    """Test accuracy of the teacher (0) and each student; `baseline`, the teacher's architecture
+    trained on the labeled images alone, as a dashed line when there is one."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(len(accuracies)), accuracies, marker="o")
+    ax.plot(range(len(accuracies)), accuracies, marker="o", label="teacher, students")
+    if baseline is not None:
+        ax.axhline(baseline, color="tab:gray", linestyle="--", label="baseline (labeled only)")
+        ax.legend(fontsize=7)
     ax.set(xticks=range(len(accuracies)), xticklabels=[f"{i}\n{m}" for i, m in enumerate(models)],
            xlabel="iteration (0 = teacher)", ylabel="test accuracy", title="test accuracy per iteration")
     fig.tight_layout()
@@ -77,6 +82,24 @@ def sweep_objective(trials: pd.DataFrame, keys: Sequence[str], objective: str) -
         ax.set(xlabel=key, ylabel=objective)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"sweep: {objective} per trial")
+    fig.tight_layout()
+    return fig
+
+
+def objective_per_trial(trials: pd.DataFrame, objective: str, best: str | None = None) -> Figure:
+    """One bar per trial (`trial_id`, `status`, `objective`): completed solid, stopped early
+    hatched, the best one orange; failed trials have no bar."""
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.3 * len(trials)))
+    values = trials[objective].astype(float).fillna(0.0)
+    colors = ["tab:orange" if t == best else "tab:blue" for t in trials["trial_id"]]
+    bars = ax.barh(range(len(trials)), values, color=colors)
+    for bar, status in zip(bars, trials["status"]):
+        if status == "stopped_early":
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+    ax.set(yticks=range(len(trials)), yticklabels=[f"{t} ({s})" for t, s in zip(trials["trial_id"], trials["status"])],
+           xlabel=objective, title=f"sweep: {objective} per trial")
+    ax.invert_yaxis()
     fig.tight_layout()
     return fig
 

@@ -31,6 +31,7 @@ from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError
+from selftrain.evaluation.test_predictions import CONFUSION_FILE, PREDICTIONS_FILE, evaluation_dir
 from selftrain.fsio import OutputLock, atomic_write_json
 from selftrain.ledger import Ledger
 from selftrain.methods import METHODS, check_knobs
@@ -124,7 +125,8 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None], pare
                                         "eval/teacher_accuracy": results[0]["test_accuracy"],
                                         **({"eval/baseline_accuracy": baseline["test_accuracy"]} if baseline else {})})
         tracker.log_figure(parent_id, plots.accuracy_per_iteration(
-            [r["test_accuracy"] for r in results], [r["model"] for r in results]), "accuracy_per_iteration.png")
+            [r["test_accuracy"] for r in results], [r["model"] for r in results],
+            baseline["test_accuracy"] if baseline else None), "accuracy_per_iteration.png")
         tracker.log_json(parent_id, cfg.model_dump(), "config.json")
         tracker.log_artifact(parent_id, out / "summary.json")
         tracker.finish(parent_id)
@@ -351,10 +353,12 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
 
-    result = evaluate(run.sets.test, trained.model_dir, cfg.scoring, cfg.data.image_size, len(classes))
+    evaluation = evaluation_dir(run.out, key)
+    result = evaluate(run.sets.test, trained.model_dir, cfg.scoring, cfg.data.image_size, len(classes),
+                      out_dir=evaluation, classes=classes)
     run.say(f"[iteration {iteration}] {role} {arch}: test accuracy {result.accuracy:.4f}")
     run.tracker.log_metrics(child, {"eval/accuracy": result.accuracy, "eval/test_images": result.count})
-    run.tracker.log_json(child, {"classes": classes, "matrix": result.confusion.tolist()}, "confusion_matrix.json")
+    run.tracker.log_artifact(child, evaluation / CONFUSION_FILE)
     run.tracker.log_figure(child, plots.confusion_matrix(
         result.confusion, classes, f"{role} {arch}: test accuracy {result.accuracy:.3f}"), "confusion_matrix.png")
     run.tracker.log_json(child, cfg.model_dump(), "config.json")
@@ -365,6 +369,7 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
               "pseudo_labels_kept": pseudo["kept"] if pseudo else 0,
               "pseudo_label_accuracy": pseudo["metrics"].get("pseudo/accuracy") if pseudo else None,
               "train_rows": rows, "mlflow_run_id": child, "model_dir": trained.model_dir,
+              "test_predictions": str(evaluation / PREDICTIONS_FILE),
               "pseudo_labels": pseudo["dir"] if pseudo else None}
     run.ledger.put(f"{key}/result", record)
     return record

@@ -178,6 +178,13 @@ def test_unreadable_permissions_are_named_not_fatal(hostile_pool):
     assert rows[str(root / "perm/locked")].error == ("skipped: unreadable folder, its files are not listed: "
                                                      "Permission denied")
     assert rows[str(root / "good/a.png")].error == ""  # the pass went on
+    locked = root / "perm" / "locked"  # the pool's own folder: said at once, not "no image files"
+    locked.chmod(0)
+    try:
+        with pytest.raises(DataError, match=f"data.unlabeled: cannot list {locked}: Permission denied"):
+            read_pool(str(locked), "image", None)
+    finally:
+        locked.chmod(0o755)
 
 
 def test_names_that_are_not_utf8_are_read_and_written_to_parquet(hostile_pool, tmp_path):

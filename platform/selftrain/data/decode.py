@@ -181,7 +181,8 @@ def with_retries(read: Callable[[], T]) -> T:
             if not transient(exc):
                 raise
             if attempt == READ_ATTEMPTS:
-                raise OSError(exc.errno, f"{exc.strerror or exc} (after {READ_ATTEMPTS} attempts)") from exc
+                reason = f"{exc.strerror or exc} (after {READ_ATTEMPTS} attempts)"
+                raise (OSError(exc.errno, reason) if exc.errno else OSError(reason)) from exc
             time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
 

@@ -113,6 +113,11 @@ def locate(spec: str) -> PoolLocation:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"data.unlabeled: path does not exist: {spec}")
     local = isinstance(filesystem, pafs.LocalFileSystem)
+    if local and info.type == pafs.FileType.Directory:
+        try:  # the pool's own folder unreadable: said now, not "no image files" after the probe
+            os.scandir(root).close()
+        except OSError as exc:
+            raise DataError(f"data.unlabeled: cannot list {spec}: {exc.strerror or exc}") from None
     prefix = "" if local else spec.split("://", 1)[0] + "://"
     return PoolLocation(spec, filesystem, root.rstrip("/") or "/", info.type == pafs.FileType.File,
                         glob_regex(glob) if glob else None, prefix)

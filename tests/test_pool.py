@@ -87,13 +87,13 @@ def test_parquet_folder_uri_streams_rows_with_stable_ids(ray_session, tmp_path):
     pq.write_table(pa.table({"img": images[:500]}), tmp_path / "pq" / "part" / "0.parquet")
     pq.write_table(pa.table({"img": images[500:]}), tmp_path / "pq" / "1.parquet")
     (tmp_path / "pq" / "_SUCCESS").write_bytes(b"")  # as Spark leaves it
-    (tmp_path / "pq" / "stray.png").write_bytes(GOOD)  # a mixed pool: named, not silently dropped
+    (tmp_path / "pq" / "stray.png").write_bytes(GOOD)  # a mixed pool: read whole, the image too
     rows = read_pool(f"file://{tmp_path / 'pq'}", "img", None).to_pandas().set_index("path")
     assert len(rows) == 602
-    assert rows.loc[str(tmp_path / "pq" / "stray.png"), "error"].startswith(
-        "skipped: an image file in a pool of Parquet files")
+    assert rows.loc[str(tmp_path / "pq" / "stray.png"), "error"] == ""
+    assert rows.loc[str(tmp_path / "pq" / "stray.png"), "bytes"] == GOOD
     assert rows.loc[str(tmp_path / "pq" / "_SUCCESS"), "error"] == "skipped: hidden or marker file"
-    assert (rows["error"] != "").sum() == 2
+    assert (rows["error"] != "").sum() == 1
     assert rows.loc[f"{tmp_path / 'pq' / 'part' / '0.parquet'}#row=499", "bytes"] == images[499]
     assert rows.loc[f"{tmp_path / 'pq' / '1.parquet'}#row=99", "bytes"] == images[599]
     with pytest.raises(DataError, match=r"pq/1.parquet has no column 'image' \(columns: img\); set data.parquet_image_column"):

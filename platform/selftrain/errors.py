@@ -3,7 +3,10 @@
 The CLI prints these as one clear message without a traceback; anything else is a bug.
 """
 
+import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class SelftrainError(Exception):
@@ -51,3 +54,29 @@ SIGTERM_RECEIVED = threading.Event()
 def raise_terminated(signum: int, frame: object) -> None:
     SIGTERM_RECEIVED.set()
     raise Terminated(f"received signal {signum}")
+
+
+def from_task(exc: BaseException) -> SelftrainError | None:
+    """The SelftrainError a Ray task raised, rebuilt from the text of the error Ray gives the
+    driver (Ray Data wraps it in `RayTaskError(UserCodeException)`, which keeps the original only
+    as text: `selftrain.errors.DataError: <message>`); None for any other error."""
+    found = re.search(r"selftrain\.errors\.(\w+): (.+)", str(exc))
+    cls = globals().get(found.group(1)) if found else None
+    if isinstance(cls, type) and issubclass(cls, SelftrainError):
+        return cls(found.group(2).strip())
+    return None
+
+
+@contextmanager
+def raised_in_tasks() -> Iterator[None]:
+    """Around a Ray Data pass: a SelftrainError from one of its tasks (a Parquet file that cannot
+    be read) reaches the caller as itself, one clear message, not Ray's wrapped traceback."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it carries one of ours
+        # Ray may also make the wrapper a subclass of the cause (`RayTaskError(DataError)`): an
+        # instance of ours whose message is Ray's traceback; it is rebuilt from that text too.
+        error = from_task(exc)
+        if error is None:
+            raise
+        raise error from None

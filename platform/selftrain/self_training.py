@@ -199,9 +199,12 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
             scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
             run.seed(iteration), meta)
         run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "
-                f"τ={cfg.threshold} ({rows} rows after balancing, {stats.rejected_count} unreadable)")
+                f"τ={cfg.threshold} ({rows} rows after balancing, {stats.rejected_count} unreadable"
+                + (f", {stats.non_finite_count} with NaN or infinite teacher logits, not pseudo-labelled, e.g. "
+                   f"{stats.non_finite[0]['path']}" if stats.non_finite_count else "") + ")")
         return {"dir": directory, "rows": rows, "kept": stats.kept, "rejected": stats.rejected,
-                "rejected_count": stats.rejected_count,
+                "rejected_count": stats.rejected_count, "non_finite": stats.non_finite,
+                "non_finite_count": stats.non_finite_count,
                 "metrics": stats_metrics(stats, rows, run.sets.classes), "stats": stats_record(stats)}
 
     return run.ledger.stage(f"iter{iteration}/pseudo_labels", compute)
@@ -302,7 +305,8 @@ def pretrain_stage(run: Run) -> dict[str, Any]:
     run.tracker.log_artifact(child, trained.model_dir, "model")
     run.tracker.finish(child)
     record = {"role": "pretrain", "method": pretrain.method, "model": arch, "model_dir": trained.model_dir,
-              "knn_accuracy": protocols["knn"], "linear_accuracy": protocols["linear"], "mlflow_run_id": child}
+              "knn_accuracy": protocols["knn"], "linear_accuracy": protocols["linear"], "mlflow_run_id": child,
+              "failed_images": _say_failed_images(run, "[pretrain]", trained.failed_images)}
     run.ledger.put("pretrain/result", record)
     return record
 
@@ -352,6 +356,8 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
                           label=f"[iteration {iteration}] {role} {arch}")
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
+    failed = _say_failed_images(run, f"[iteration {iteration}] {role}", trained.failed_images)
+    run.tracker.log_metrics(child, {"train/failed_images": failed["count"]})
 
     evaluation = evaluation_dir(run.out, key)
     result = evaluate(run.sets.test, trained.model_dir, cfg.scoring, cfg.data.image_size, len(classes),
@@ -370,9 +376,18 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
               "pseudo_label_accuracy": pseudo["metrics"].get("pseudo/accuracy") if pseudo else None,
               "train_rows": rows, "mlflow_run_id": child, "model_dir": trained.model_dir,
               "test_predictions": str(evaluation / PREDICTIONS_FILE),
-              "pseudo_labels": pseudo["dir"] if pseudo else None}
+              "pseudo_labels": pseudo["dir"] if pseudo else None, "failed_images": failed}
     run.ledger.put(f"{key}/result", record)
     return record
+
+
+def _say_failed_images(run: Run, stage: str, failed: dict[str, Any]) -> dict[str, Any]:
+    """Images that failed to read or decode while a model trained (`stages/failed_images.py`):
+    said, and kept in the stage's record for the summary."""
+    if failed["count"]:
+        run.say(f"{stage}: {failed['count']} images failed to read or decode during training and were "
+                f"left out, e.g. {failed['named'][0]['path']} ({failed['named'][0]['reason']})")
+    return failed
 
 
 def baseline_stage(run: Run) -> dict[str, Any]:
@@ -392,6 +407,14 @@ def _summarize(run: Run, results: list[dict[str, Any]], baseline: dict[str, Any]
         pool_rejected = max(pool_rejected, record.get("rejected_count", len(record["rejected"])))
         for r in record["rejected"]:
             rejected[r["path"]] = r["reason"]
+    # Images that failed in training (changed or vanished since they were checked), per model.
+    trained = [r for r in [*results, baseline, backbone] if r]
+    failed_in_training = sum(r.get("failed_images", {}).get("count", 0) for r in trained)
+    for record in trained:
+        for r in record.get("failed_images", {}).get("named", []):
+            rejected.setdefault(r["path"], r["reason"])
+    non_finite = [{"iteration": i, "count": r["non_finite_count"], "named": r["non_finite"]}
+                  for i, r in enumerate(records, start=1) if r and r.get("non_finite_count")]
     summary = {
         "mlflow_run_id": run.parent_id,
         "tracking_uri": run.tracker.display_uri,
@@ -408,6 +431,8 @@ def _summarize(run: Run, results: list[dict[str, Any]], baseline: dict[str, Any]
         "rejected": [{"path": p, "reason": r} for p, r in sorted(rejected.items())],
         "tracking_errors": [run.tracker.outage()] if run.tracker.outage() else [],
         "rejected_count": len(run.sets.rejected) + pool_rejected,
+        "failed_in_training": failed_in_training,
+        "non_finite_logits": non_finite,
     }
     _write_summary(run.out, summary)
     return summary
@@ -429,8 +454,10 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("baseline_test_accuracy") is not None:
         pool_gain = summary["final_test_accuracy"] - summary["baseline_test_accuracy"]
         lines[-1] += f"; vs supervised on the labeled images alone: {pool_gain * 100:+.1f} points"
-    lines[-1] += (f" ({summary.get('rejected_count', len(summary['rejected']))} unreadable files skipped; "
-                  f"MLflow run {summary['mlflow_run_id']})")
+    failed = summary.get("failed_in_training", 0)
+    lines[-1] += (f" ({summary.get('rejected_count', len(summary['rejected']))} unreadable files skipped"
+                  + (f", {failed} images failed in training" if failed else "")
+                  + f"; MLflow run {summary['mlflow_run_id']})")
     if summary.get("pretrain"):
         pretrain = summary["pretrain"]
         lines.append(f"pretrained backbone ({pretrain['method']}, {pretrain['model']}): kNN accuracy "

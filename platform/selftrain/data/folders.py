@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from selftrain.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, read_file_bytes
+from selftrain.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, local_id, read_file_bytes
 from selftrain.errors import DataError
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    """An image by its extension: a file, or a symlink that may lead nowhere (then it is read,
+    fails and is named with the others, rather than left out without a word)."""
+    return (path.is_file() or path.is_symlink()) and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 
 
 def class_names(root: str | Path, role: str) -> list[str]:
@@ -33,10 +35,11 @@ def class_names(root: str | Path, role: str) -> list[str]:
 
 
 def index_class_folders(root: str | Path, classes: list[str], role: str) -> pd.DataFrame:
-    """One row per image file: `path` (absolute), `label` (index into `classes`)."""
+    """One row per image file: `path` (absolute; a `local_id`: a name that is not UTF-8 becomes a
+    file URI, which Arrow, Parquet and JSON can hold), `label` (index into `classes`)."""
     root = Path(root).expanduser().resolve()
     rows = [
-        (str(path), label)
+        (local_id(str(path)), label)
         for label, name in enumerate(classes)
         for path in sorted((root / name).rglob("*"))
         if is_image_file(path)

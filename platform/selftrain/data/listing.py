@@ -8,23 +8,32 @@ looks at a bounded number of entries to tell images from Parquet and to fail ear
 folder. The listing itself is a Ray Data pipeline: one task lists the root's top level, then
 one task per sub-directory lists its tree (so listing runs in parallel on object stores, where
 a listing is a sequence of paged requests).
+
+A local pool is walked with `os.scandir`, not pyarrow: pyarrow's recursive listing follows a
+symlink loop forever and fails a whole folder on one name that is not UTF-8. Every entry that is
+not read is named with its reason (`list_below`): a symlink back to a folder above it (a loop:
+named, not followed; other folder links are followed), a dangling symlink, a folder that cannot
+be listed, a FIFO or device, a hidden file, an unsupported extension. A name that is not UTF-8
+travels as a file URI (`decode.local_id`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from selftrain.data.decode import IMAGE_EXTENSIONS
+from selftrain.data.decode import IMAGE_EXTENSIONS, local_id, local_path
 from selftrain.errors import DataError
 
 PARQUET = "parquet"
-PROBE_LIMIT = 10_000  # entries the driver may look at to classify the pool (bounded, not O(pool))
+PROBE_LIMIT = 10_000  # entries the driver may look at to find the first pool file (bounded, not O(pool))
 FILES_PER_ROW = 512  # top-level files travel in chunks, so a flat folder is not one row per file
 SKIPPED = "skipped: "  # the error of a listed file that is not read (see `skip_reason`)
 
@@ -104,6 +113,11 @@ def locate(spec: str) -> PoolLocation:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"data.unlabeled: path does not exist: {spec}")
     local = isinstance(filesystem, pafs.LocalFileSystem)
+    if local and info.type == pafs.FileType.Directory:
+        try:  # the pool's own folder unreadable: said now, not "no image files" after the probe
+            os.scandir(root).close()
+        except OSError as exc:
+            raise DataError(f"data.unlabeled: cannot list {spec}: {exc.strerror or exc}") from None
     prefix = "" if local else spec.split("://", 1)[0] + "://"
     return PoolLocation(spec, filesystem, root.rstrip("/") or "/", info.type == pafs.FileType.File,
                         glob_regex(glob) if glob else None, prefix)
@@ -125,23 +139,95 @@ def wanted(location: PoolLocation, path: str) -> bool:
     return location.pattern.match(relative) is not None
 
 
+def os_path(file_id: str) -> str:
+    """A local file's path as `os` functions take it, from its `local_id`."""
+    path = local_path(file_id)
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _broken(path: str, exc: OSError) -> str:
+    """Why a local entry that `stat` cannot follow is not read."""
+    target = os.readlink(path) if os.path.islink(path) else None
+    if target is not None and exc.errno == errno.ENOENT:
+        return f"unreadable file: dangling symlink to {target}"
+    if exc.errno == errno.ELOOP:
+        return f"unreadable file: symlink loop ({os.path.basename(path)} -> {target})"
+    return f"unreadable file: {exc.strerror or exc}"
+
+
+def _local_folder(folder: str) -> tuple[list[tuple[str, tuple[int, int]]], list[tuple[str, str]]]:
+    """One local folder: its sub-folders with their (device, inode) (a symlink to a folder is
+    followed), and its other entries as (path, reason): "" for a regular file, else why it is
+    not read (a dangling symlink, a symlink loop, a FIFO or device that a read would block on).
+    A folder that cannot be listed is one entry, named, with its reason."""
+    try:
+        with os.scandir(folder) as found:
+            entries = sorted(found, key=lambda e: e.name)
+    except OSError as exc:
+        return [], [(folder, f"{SKIPPED}unreadable folder, its files are not listed: {exc.strerror or exc}")]
+    folders, files = [], []
+    for entry in entries:
+        try:
+            info = entry.stat()  # follows a symlink
+        except OSError as exc:
+            files.append((entry.path, _broken(entry.path, exc)))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            folders.append((entry.path, _identity(info)))
+        elif stat.S_ISREG(info.st_mode):
+            files.append((entry.path, ""))
+        else:
+            files.append((entry.path, f"{SKIPPED}not a regular file (a FIFO, socket or device; a read could block)"))
+    return folders, files
+
+
+def _loop(path: str, identity: tuple[int, int], above: dict[tuple[int, int], str]) -> str:
+    """The reason a folder is not listed when it is one of the folders above it ("" if not)."""
+    if identity not in above:
+        return ""
+    return f"{SKIPPED}symlink loop: {path} leads back to {above[identity]}, which is listed already"
+
+
+def _walk_local(folder: str, above: dict[tuple[int, int], str]) -> Iterator[tuple[str, str]]:
+    """(path, reason) of every entry below `folder`, depth-first. `above` maps the (device,
+    inode) of each folder on the way down to its path: a symlink back to one of them is named as
+    a loop, not followed (the walk ends however the links run); a symlink to any other folder is
+    followed (a pool may be assembled from links)."""
+    stack = [(folder, above)]
+    while stack:
+        current, ancestors = stack.pop()
+        folders, files = _local_folder(current)
+        yield from files
+        below = []
+        for path, identity in folders:
+            loop = _loop(path, identity, ancestors)
+            if loop:
+                yield path, loop
+            else:
+                below.append((path, {**ancestors, identity: path}))
+        stack += reversed(below)
+
+
+def _root_above(location: PoolLocation) -> dict[tuple[int, int], str]:
+    return {_identity(os.stat(location.root)): location.root}
+
+
 def _walk(location: PoolLocation) -> Iterator[str]:
     """Files below the root, lazily, depth-first: the probe below stops after a bounded count.
-    The local filesystem uses `os.scandir` (an iterator); pyarrow lists one folder at a time."""
+    The local filesystem is walked by `_walk_local`; pyarrow lists one folder at a time."""
+    if isinstance(location.filesystem, pafs.LocalFileSystem):
+        yield from (path for path, reason in _walk_local(location.root, _root_above(location)) if not reason)
+        return
     stack = [location.root]
     while stack:
         folder = stack.pop()
-        if isinstance(location.filesystem, pafs.LocalFileSystem):
-            try:
-                with os.scandir(folder) as entries:
-                    children = [(e.path, e.is_dir()) for e in entries]
-            except OSError:
-                continue
-        else:
-            listing = location.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-            children = [(i.path, i.type == pafs.FileType.Directory) for i in listing]
-        stack += sorted((p for p, is_dir in children if is_dir), reverse=True)
-        yield from sorted(p for p, is_dir in children if not is_dir)
+        listing = location.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        stack += sorted((i.path for i in listing if i.type == pafs.FileType.Directory), reverse=True)
+        yield from sorted(i.path for i in listing if i.type != pafs.FileType.Directory)
 
 
 def probe(location: PoolLocation) -> tuple[str | None, str | None]:
@@ -160,40 +246,70 @@ def probe(location: PoolLocation) -> tuple[str | None, str | None]:
 
 
 def list_top_level(row: dict[str, Any], location: PoolLocation) -> list[dict[str, Any]]:
-    """Ray task: the root's sub-folders (one row each) and its files (in chunks)."""
+    """Ray task: the root's sub-folders (one row each) and its other entries (in chunks), each
+    entry with the reason it cannot be read ("" when it can). Local paths travel as `local_id`s
+    (a name that is not UTF-8 cannot be an Arrow string)."""
     if location.is_file:
-        return [{"folder": "", "files": [location.root]}]
-    listing = location.filesystem.get_file_info(pafs.FileSelector(row["root"]))
-    folders = sorted(i.path for i in listing if i.type == pafs.FileType.Directory)
-    files = sorted(i.path for i in listing if i.type == pafs.FileType.File)
-    chunks = [files[i:i + FILES_PER_ROW] for i in range(0, len(files), FILES_PER_ROW)]
-    return [{"folder": f, "files": []} for f in folders] + [{"folder": "", "files": c} for c in chunks]
+        return [{"folder": "", "files": [_id(location, location.root)], "reasons": [""]}]
+    if isinstance(location.filesystem, pafs.LocalFileSystem):
+        found, entries = _local_folder(location.root)
+        above = _root_above(location)
+        folders = []
+        for path, identity in found:
+            loop = _loop(path, identity, above)
+            if loop:
+                entries.append((path, loop))
+            else:
+                folders.append(local_id(path))
+    else:
+        listing = location.filesystem.get_file_info(pafs.FileSelector(row["root"]))
+        folders = sorted(i.path for i in listing if i.type == pafs.FileType.Directory)
+        entries = sorted((i.path, "") for i in listing if i.type != pafs.FileType.Directory)
+    entries = [(_id(location, p), reason) for p, reason in entries]
+    chunks = [entries[i:i + FILES_PER_ROW] for i in range(0, len(entries), FILES_PER_ROW)]
+    return ([{"folder": f, "files": [], "reasons": []} for f in folders]
+            + [{"folder": "", "files": [p for p, _ in c], "reasons": [r for _, r in c]} for c in chunks])
 
 
-def skip_reason(path: str, kind: str) -> str:
-    """Why a listed file is not read into a pool of `kind` ("" when it is read)."""
-    found = kind_of(path)
-    if found == kind:
+def _id(location: PoolLocation, path: str) -> str:
+    return local_id(path) if isinstance(location.filesystem, pafs.LocalFileSystem) else path
+
+
+def skip_reason(path: str) -> str:
+    """Why a listed file is not read ("" when it is: an image or a Parquet file; a pool may mix
+    both, and both are read)."""
+    if kind_of(path):
         return ""
     name = path.rsplit("/", 1)[-1]
     if name.startswith((".", "_")):
         return SKIPPED + "hidden or marker file"
-    if found == PARQUET:
-        return SKIPPED + "a Parquet file in a pool of image files (a pool is read as one kind)"
-    if found == "image":
-        return SKIPPED + "an image file in a pool of Parquet files (a pool is read as one kind)"
     extension = f"'.{name.rsplit('.', 1)[-1]}'" if "." in name else "none"
     return f"{SKIPPED}unsupported extension {extension} (images: {', '.join(IMAGE_EXTENSIONS)}; or parquet)"
 
 
-def list_below(row: dict[str, Any], location: PoolLocation, kind: str) -> list[dict[str, Any]]:
-    """Ray task: every wanted file in a sub-folder's tree, or in a chunk of files, as `{file,
-    skip}`; `skip` says why a file that is not of the pool's `kind` is not read, so that every
-    file the user pointed at is either read or counted and named."""
-    if row["folder"]:
-        selector = pafs.FileSelector(row["folder"], recursive=True)
-        paths = sorted(i.path for i in location.filesystem.get_file_info(selector)
-                       if i.type == pafs.FileType.File)
-    else:
-        paths = list(row["files"])
-    return [{"file": p, "skip": skip_reason(p, kind)} for p in paths if wanted(location, p)]
+def _below(row: dict[str, Any], location: PoolLocation) -> list[tuple[str, str]]:
+    """(path, reason) of the entries of one listing row, as `os`/pyarrow paths."""
+    local = isinstance(location.filesystem, pafs.LocalFileSystem)
+    if not row["folder"]:
+        return [(os_path(p) if local else p, r) for p, r in zip(row["files"], row["reasons"])]
+    if local:
+        folder = os_path(row["folder"])
+        above = {**_root_above(location), _identity(os.stat(folder)): folder}
+        return list(_walk_local(folder, above))
+    selector = pafs.FileSelector(row["folder"], recursive=True)
+    return sorted((i.path, "") for i in location.filesystem.get_file_info(selector)
+                  if i.type != pafs.FileType.Directory)
+
+
+def list_below(row: dict[str, Any], location: PoolLocation) -> list[dict[str, Any]]:
+    """Ray task: every wanted entry in a sub-folder's tree, or in a chunk of top-level entries,
+    as `{file, skip}`; `skip` says why an entry is not read, so that every file the user pointed
+    at is either read or counted and named. A reason of the entry itself (a folder that cannot
+    be listed, a symlink loop) is kept; for a file, what it is (hidden, not an image) comes
+    before why it cannot be read (a dangling symlink to a `.txt` is an unsupported extension)."""
+    out = []
+    for path, reason in _below(row, location):
+        if wanted(location, path):
+            skip = reason if reason.startswith(SKIPPED) else (skip_reason(path) or reason)
+            out.append({"file": _id(location, path), "skip": skip})
+    return out

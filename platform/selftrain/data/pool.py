@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
-from selftrain.data.decode import PARQUET_ROW
-from selftrain.data.listing import PARQUET, PoolLocation, list_below, list_top_level, locate, probe
+from selftrain.data.decode import PARQUET_ROW, local_id, local_path, read_file_bytes, with_retries
+from selftrain.data.listing import PARQUET, PoolLocation, kind_of, list_below, list_top_level, locate, probe
 from selftrain.errors import DataError
 
 ROWS_PER_READ_TASK = 256  # files per read+decode task: enough tasks to keep every CPU busy
@@ -28,57 +28,103 @@ LIST_CPUS = 0.5  # every pool task: a whole CPU beside a 1-CPU scoring actor on 
 
 
 def _label_from_folder(batch: dict[str, Any], classes: list[str] | None) -> dict[str, Any]:
-    """True label from the parent folder name when the pool keeps class folders, else -1."""
+    """True label from an image file's parent folder name when the pool keeps class folders,
+    else -1 (a Parquet row's too: its file's folder says nothing of its class)."""
     lookup = {name: i for i, name in enumerate(classes or [])}
-    batch["label"] = np.array([lookup.get(Path(p).parent.name, -1) for p in batch["path"]], dtype=np.int64)
+    batch["label"] = np.array([-1 if PARQUET_ROW in p else lookup.get(Path(p).parent.name, -1)
+                               for p in batch["path"]], dtype=np.int64)
     return batch
 
 
-def _read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        with open(path, "rb") as handle:  # the builtin is faster than pyarrow for small files
-            return handle.read()
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+def _read_bytes(location: PoolLocation, file: str) -> bytes:
+    """A listed file's bytes (`file`: a `local_id`, or a path in the pool's filesystem); a
+    transient failure is retried (`decode.with_retries`)."""
+    if isinstance(location.filesystem, pafs.LocalFileSystem):
+        return read_file_bytes(file)  # the builtin open: faster than pyarrow for small files
+
+    def read() -> bytes:
+        with location.filesystem.open_input_stream(file) as stream:
+            return stream.read()
+
+    return with_retries(read)
 
 
-def _read_files(batch: dict[str, Any], location: PoolLocation) -> dict[str, Any]:
-    """`{file}` -> `{path, bytes, error}`; a file that cannot be read keeps its row and reason."""
-    paths = list(batch["file"])
-    data = np.empty(len(paths), dtype=object)
-    errors = np.array(list(batch["skip"]), dtype=object)  # files listed but not read: their reason
-    for i, path in enumerate(paths):
+def _image_rows(files: list[str], skips: list[str], location: PoolLocation) -> dict[str, Any]:
+    """`files` -> `{path, bytes, error}`; a file that cannot be read keeps its row and reason."""
+    data = np.empty(len(files), dtype=object)
+    errors = np.array(skips, dtype=object)  # files listed but not read: their reason
+    for i, file in enumerate(files):
         if errors[i]:
             data[i] = b""
             continue
         try:
-            data[i] = _read_bytes(location.filesystem, path)
+            data[i] = _read_bytes(location, file)
         except OSError as exc:
-            data[i], errors[i] = b"", f"unreadable file: {exc}"
-    return {"path": np.array([location.pool_id(p) for p in paths], dtype=object), "bytes": data, "error": errors}
+            data[i], errors[i] = b"", f"unreadable file: {exc.strerror or exc}"
+    return {"path": np.array([location.pool_id(f) for f in files], dtype=object), "bytes": data, "error": errors}
 
 
-def _read_parquet_rows(batch: dict[str, Any], location: PoolLocation, column: str) -> Iterator[dict[str, Any]]:
-    """One Parquet file per call, streamed in record batches (never a whole file in memory); a
-    listed file that is not Parquet is one row with its reason."""
-    for file, skip in zip(batch["file"], batch["skip"]):
-        if skip:
-            yield {"path": np.array([location.pool_id(file)], dtype=object),
-                   "bytes": np.array([b""], dtype=object), "error": np.array([skip], dtype=object)}
-            continue
-        with location.filesystem.open_input_file(file) as handle:
-            offset = 0
-            for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=ROWS_PER_READ_TASK, columns=[column]):
-                values = record_batch.column(0).to_pylist()
-                ids = [f"{location.pool_id(file)}{PARQUET_ROW}{offset + i}" for i in range(len(values))]
-                offset += len(values)
-                yield {"path": np.array(ids, dtype=object),
-                       "bytes": np.array([v or b"" for v in values], dtype=object),
-                       "error": np.full(len(values), "", dtype=object)}
+def _open_parquet(location: PoolLocation, file: str) -> pq.ParquetFile:
+    if isinstance(location.filesystem, pafs.LocalFileSystem):
+        return pq.ParquetFile(open(local_path(file), "rb"))  # noqa: SIM115 - closed with the ParquetFile
+    return pq.ParquetFile(location.filesystem.open_input_file(file))
+
+
+def _parquet_rows(location: PoolLocation, file: str, column: str) -> Iterator[dict[str, Any]]:
+    """One Parquet file's rows, streamed in record batches (never a whole file in memory).
+
+    A Parquet file that cannot be read (cut short, not Parquet, without `column`) stops the pass
+    with a DataError naming it, rather than being skipped as one bad image: it holds an unknown
+    number of images (a file cut short loses the footer that counts them), so neither the loss
+    nor `scoring.max_rejected_fraction` could be told; an unfinished copy or writer is the usual
+    cause, and the fix is the user's."""
+    pool_id = location.pool_id(file)
+    try:
+        parquet = with_retries(lambda: _open_parquet(location, file))
+        if column not in parquet.schema_arrow.names:
+            raise DataError(f"data.unlabeled: Parquet file {pool_id} has no column {column!r} "
+                            f"(columns: {', '.join(parquet.schema_arrow.names)}); set data.parquet_image_column")
+        offset = 0
+        for record_batch in parquet.iter_batches(batch_size=ROWS_PER_READ_TASK, columns=[column]):
+            values = record_batch.column(0).to_pylist()
+            ids = [f"{pool_id}{PARQUET_ROW}{offset + i}" for i in range(len(values))]
+            offset += len(values)
+            yield {"path": np.array(ids, dtype=object),
+                   "bytes": np.array([v or b"" for v in values], dtype=object),
+                   "error": np.full(len(values), "", dtype=object)}
+    except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError, I/O an OSError
+        raise DataError(f"data.unlabeled: Parquet file {pool_id} cannot be read ({_one_line(exc)}); a file "
+                        "cut short loses the footer that counts its images, so it is not skipped: rewrite "
+                        "it or move it out of the pool") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_files(batch: dict[str, Any], location: PoolLocation, column: str) -> Iterator[dict[str, Any]]:
+    """Ray task: `{file, skip}` -> `{path, bytes, error}` batches. A pool may mix image files and
+    Parquet files: the images are read into one batch, each Parquet file is streamed row by row."""
+    files, skips = list(batch["file"]), [str(s) for s in batch["skip"]]
+    parquet = [not skip and kind_of(file) == PARQUET for file, skip in zip(files, skips)]
+    images = [i for i, is_parquet in enumerate(parquet) if not is_parquet]
+    if images:
+        yield _image_rows([files[i] for i in images], [skips[i] for i in images], location)
+    for file, is_parquet in zip(files, parquet):
+        if is_parquet:
+            yield from _parquet_rows(location, file, column)
 
 
 def _check_column(location: PoolLocation, parquet_file: str, column: str) -> None:
-    schema = pq.read_schema(parquet_file, filesystem=location.filesystem)
+    """The first Parquet file, on the driver: a wrong `data.parquet_image_column` or a broken
+    file is named at once, before any task starts."""
+    if isinstance(location.filesystem, pafs.LocalFileSystem):
+        parquet_file = local_id(parquet_file)  # as the listing names it (a name may not be UTF-8)
+    try:
+        schema = with_retries(lambda: _open_parquet(location, parquet_file).schema_arrow)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"data.unlabeled: Parquet file {location.pool_id(parquet_file)} cannot be read "
+                        f"({_one_line(exc)}); rewrite it or move it out of the pool") from None
     if column not in schema.names:
         raise DataError(
             f"data.unlabeled: Parquet file {location.pool_id(parquet_file)} has no column {column!r} "
@@ -86,21 +132,25 @@ def _check_column(location: PoolLocation, parquet_file: str, column: str) -> Non
         )
 
 
-def list_pool_files(location: PoolLocation, kind: str) -> ray.data.Dataset:
-    """Lazy `{file}` rows: the top level listed in one task, each sub-folder's tree in its own."""
+def list_pool_files(location: PoolLocation) -> ray.data.Dataset:
+    """Lazy `{file, skip}` rows: the top level listed in one task, each sub-folder's tree in its own."""
     seed = ray.data.from_items([{"root": location.root}])
     top = seed.flat_map(list_top_level, fn_kwargs={"location": location}, num_cpus=LIST_CPUS)
     # One sub-folder (or chunk of top-level files) per block, so sub-trees are listed in parallel.
     return top.repartition(target_num_rows_per_block=1).flat_map(
-        list_below, fn_kwargs={"location": location, "kind": kind}, num_cpus=LIST_CPUS)
+        list_below, fn_kwargs={"location": location}, num_cpus=LIST_CPUS)
 
 
 def read_pool(spec: str, image_column: str, classes: list[str] | None) -> ray.data.Dataset:
     """`classes` given: derive true labels from parent folder names (for pseudo-label accuracy).
 
-    Raises DataError at once for a missing path, an unreachable URI, a Parquet pool without
+    A pool may mix image files and Parquet files; both are read (the first pool file found only
+    sets how many files one task reads: one Parquet file, or ROWS_PER_READ_TASK images).
+    Raises DataError at once for a missing path, an unreachable URI, a first Parquet file without
     `image_column`, or a folder with no pool file among its first entries; a pool whose files
-    all lie further on is only known to be empty after the pass (`score_pool` checks).
+    all lie further on is only known to be empty after the pass (`score_pool` checks). A
+    Parquet file that cannot be read stops the pass with a DataError naming it (`_parquet_rows`;
+    `raised_in_tasks` gives it back as itself).
     """
     location = locate(spec)
     kind, first = probe(location)
@@ -110,13 +160,13 @@ def read_pool(spec: str, image_column: str, classes: list[str] | None) -> ray.da
         raise DataError(f"data.unlabeled: no image files (or Parquet) under {spec}")
     if kind is None:
         raise DataError(f"data.unlabeled: {spec} is neither an image nor a Parquet file")
-    files = list_pool_files(location, kind)
+    files = list_pool_files(location)
+    read = {"fn_kwargs": {"location": location, "column": image_column}, "num_cpus": LIST_CPUS}
     if kind == PARQUET:
         _check_column(location, first, image_column)
-        rows = files.map_batches(_read_parquet_rows, batch_size=1, num_cpus=LIST_CPUS,
-                                 fn_kwargs={"location": location, "column": image_column})
+        rows = files.map_batches(_read_files, batch_size=1, **read)
         rows = rows.repartition(target_num_rows_per_block=ROWS_PER_READ_TASK)
-        return rows.map_batches(_label_from_folder, fn_kwargs={"classes": None}, num_cpus=LIST_CPUS)
-    rows = files.repartition(target_num_rows_per_block=ROWS_PER_READ_TASK).map_batches(
-        _read_files, fn_kwargs={"location": location}, batch_size=None, num_cpus=LIST_CPUS)
+    else:
+        rows = files.repartition(target_num_rows_per_block=ROWS_PER_READ_TASK).map_batches(
+            _read_files, batch_size=None, **read)
     return rows.map_batches(_label_from_folder, fn_kwargs={"classes": classes}, num_cpus=LIST_CPUS)

@@ -23,7 +23,7 @@ from ray.data.expressions import col
 
 from selftrain.data.decode import decode_batch
 from selftrain.data.pool import LIST_CPUS, read_pool
-from selftrain.errors import DataError
+from selftrain.errors import DataError, raised_in_tasks
 
 REJECTED_NAMED = 1000
 
@@ -65,7 +65,8 @@ def index_pool(spec: str, image_column: str, classes: list[str] | None, image_si
     numbered = pool.random_shuffle(seed=seed).map_batches(
         _Numberer, compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=LIST_CPUS)
     directory = out_dir / "index"
-    numbered.write_parquet(str(directory), min_rows_per_file=50_000)
+    with raised_in_tasks():  # a Parquet pool file that cannot be read: a DataError naming it
+        numbered.write_parquet(str(directory), min_rows_per_file=50_000)
     if not directory.exists():
         raise DataError(f"data.unlabeled: the pool {spec} yielded no rows")
     written = ray.data.read_parquet(str(directory))

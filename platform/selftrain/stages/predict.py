@@ -21,7 +21,7 @@ import pandas as pd
 
 from selftrain.config import ScoringConfig
 from selftrain.data.pool import read_pool
-from selftrain.errors import ConfigError
+from selftrain.errors import ConfigError, raised_in_tasks
 from selftrain.stages.score import check_scores, score
 from selftrain.training.loop import SPEC_FILE
 
@@ -85,7 +85,8 @@ def predict(model: str, data: str, out: str, cfg: ScoringConfig, parquet_column:
         classes = spec.get("classes") or [str(c) for c in range(spec["num_classes"])]
         rows = read_pool(data, parquet_column, None)
         scored = score(rows, model_dir, cfg, spec["image_size"], from_paths=False)
-        scored.map_batches(_probabilities, fn_kwargs={"classes": classes}, batch_format="pandas",
-                           num_cpus=0.5).write_parquet(out, ray_remote_args={"num_cpus": 0.5})
+        with raised_in_tasks():  # a Parquet file that cannot be read: a DataError naming it
+            scored.map_batches(_probabilities, fn_kwargs={"classes": classes}, batch_format="pandas",
+                               num_cpus=0.5).write_parquet(out, ray_remote_args={"num_cpus": 0.5})
     images, rejected = check_scores(out, cfg.max_rejected_fraction, f"DATA {data}")
     return {"out": out, "files": images, "unreadable": rejected, "classes": classes}

@@ -3,7 +3,8 @@
 Reads the teacher's scores (Parquet), keeps rows with confidence >= τ, balances classes to k
 rows each (Noisy Student, Sec. 3.1), computes targets softmax(z/T) (or one-hot), and writes
 `pseudo_labels/` as Parquet. Statistics come from one streaming pass; nothing scales with the
-pool on the driver (unreadable files are counted, and the first `LISTED` named).
+pool on the driver (unreadable files are counted, and the first `LISTED` named; so are images
+whose teacher logits are NaN or infinite, which are never pseudo-labelled).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from selftrain.stages.balance import balance
 BINS = 100  # confidence histogram resolution: quantiles are exact to 0.01
 ROWS_PER_FILE = 50_000  # pseudo-label Parquet shards: ~20 files for 1M rows, never one per class
 LISTED = 1000  # unreadable files named on the driver: a bounded list, however large the pool
+NON_FINITE = "teacher logits NaN or infinite: not pseudo-labelled"
 
 
 @dataclass
@@ -37,6 +39,10 @@ class PoolStats:
     histogram_dropped: list[int] = field(default_factory=lambda: [0] * BINS)
     rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason: the first LISTED
     rejected_count: int = 0  # every unreadable file (the scores Parquet lists them all)
+    # Read images whose teacher logits hold NaN or inf (confidence NaN, `stages.score.scored`):
+    # never pseudo-labelled, not in `scored`; the first LISTED named.
+    non_finite: list[dict[str, str]] = field(default_factory=list)
+    non_finite_count: int = 0
 
     @property
     def kept(self) -> int:
@@ -52,7 +58,9 @@ class PoolStats:
 
 def _batch_stats(batch: pd.DataFrame, threshold: float, num_classes: int) -> pd.DataFrame:
     bad = batch["error"] != ""
-    good = batch[~bad]
+    finite = np.isfinite(batch["confidence"].to_numpy(dtype=np.float64))
+    non_finite = ~bad & ~finite
+    good = batch[~bad & finite]
     kept = good["confidence"] >= threshold
     bins = np.linspace(0.0, 1.0, BINS + 1)
     truth = good["label"] >= 0
@@ -65,6 +73,8 @@ def _batch_stats(batch: pd.DataFrame, threshold: float, num_classes: int) -> pd.
         "histogram_dropped": np.histogram(good["confidence"][~kept], bins)[0].tolist(),
         "rejected": [{"path": p, "reason": r} for p, r in zip(batch["path"][bad][:LISTED], batch["error"][bad][:LISTED])],
         "rejected_count": int(bad.sum()),
+        "non_finite": [{"path": p, "reason": NON_FINITE} for p in batch["path"][non_finite][:LISTED]],
+        "non_finite_count": int(non_finite.sum()),
     }])
 
 
@@ -82,11 +92,14 @@ def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int) -> 
             setattr(stats, name, np.add(getattr(stats, name), part[name]).astype(int).tolist())
         stats.rejected = (stats.rejected + list(part["rejected"]))[:LISTED]
         stats.rejected_count += int(part["rejected_count"])
+        stats.non_finite = (stats.non_finite + list(part["non_finite"]))[:LISTED]
+        stats.non_finite_count += int(part["non_finite_count"])
     return stats
 
 
 def _keep(batch: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    return batch[(batch["error"] == "") & (batch["confidence"] >= threshold)]
+    confidence = batch["confidence"].to_numpy(dtype=np.float64)
+    return batch[(batch["error"] == "") & np.isfinite(confidence) & (confidence >= threshold)]
 
 
 def _to_pseudo_labels(batch: pd.DataFrame, cfg: PseudoLabelConfig, meta: dict[str, Any]) -> pd.DataFrame:
@@ -111,7 +124,10 @@ def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -
     """Stop before training on nothing, saying why (scores stay on disk for another τ)."""
     if stats.scored == 0:
         raise PseudoLabelError(
-            f"no pool image could be scored ({stats.rejected_count} unreadable); see 'rejected'"
+            f"no pool image could be scored ({stats.rejected_count} unreadable"
+            + (f"; the teacher gave NaN or infinite logits for {stats.non_finite_count} images, e.g. "
+               + ", ".join(r["path"] for r in stats.non_finite[:3]) + ": retrain it (lower train.lr)"
+               if stats.non_finite_count else "") + "); see 'rejected'"
         )
     if stats.kept == 0:
         top = max((i for i, c in enumerate(np.add(stats.histogram_kept, stats.histogram_dropped)) if c), default=0)
@@ -163,6 +179,7 @@ def stats_metrics(stats: PoolStats, rows: int, classes: list[str]) -> dict[str, 
         "pseudo/kept_fraction": stats.kept / stats.scored if stats.scored else 0.0,
         "pseudo/rows_after_balance": rows,
         "pseudo/rejected": stats.rejected_count,
+        "pseudo/non_finite_logits": stats.non_finite_count,
     }
     for q in (0.1, 0.5, 0.9):
         metrics[f"pseudo/confidence_p{int(q * 100)}"] = stats.confidence_quantile(q)
@@ -176,4 +193,5 @@ def stats_metrics(stats: PoolStats, rows: int, classes: list[str]) -> dict[str, 
 def stats_record(stats: PoolStats) -> dict[str, Any]:
     record = asdict(stats)
     record.pop("rejected")
+    record.pop("non_finite")
     return record

@@ -32,7 +32,7 @@ from selftrain.console import post
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch, load_batch
 from selftrain.data.listing import SKIPPED
-from selftrain.errors import DataError
+from selftrain.errors import DataError, raised_in_tasks
 from selftrain.methods.pseudo_label import confidence
 from selftrain.training.loop import load_model
 
@@ -195,7 +195,7 @@ class TeacherScorer:
             # scoring it costs less than copying the batch without it. Its outputs are blanked.
             logits = self.logits(self.to_device(batch["image"]))
         logits[~ok] = 0.0
-        prediction, conf = confidence(logits)
+        prediction, conf = scored(logits)
         prediction[~ok], conf[~ok] = -1, 0.0
         out = {key: value for key, value in batch.items() if key != "image"}
         out.update(logits=logits, prediction=prediction.astype(np.int64), confidence=conf.astype(np.float32))
@@ -203,6 +203,18 @@ class TeacherScorer:
             post(self.progress["board"], {"task": self.progress["task"], "unit": "img", "total": self.progress.get("total"),
                                           "done": len(ok), "unreadable": int((~ok).sum())})
         return out
+
+
+def scored(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, confidence) per row of logits. A row with a NaN or infinite logit (a teacher
+    that overflowed) has no prediction: -1, and confidence NaN, which `stages.pseudo_label`
+    counts and names apart and never turns into a pseudo-label. Its logits are kept as given."""
+    finite = np.isfinite(logits).all(axis=1)
+    prediction = np.full(len(logits), -1, dtype=np.int64)
+    conf = np.full(len(logits), np.nan, dtype=np.float64)
+    if finite.any():
+        prediction[finite], conf[finite] = confidence(logits[finite])
+    return prediction, conf
 
 
 def score(
@@ -251,8 +263,9 @@ def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image
     scores_dir = out_dir / "scores"
     # Write tasks at half a CPU, as every other pool task: at Ray's default (1 CPU) they wait
     # behind the scoring actor and the decode tasks on a 2-core machine until decoding ends.
-    score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta, progress=progress).write_parquet(
-        str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
+    with raised_in_tasks():  # a Parquet pool file that cannot be read: a DataError naming it
+        score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta, progress=progress).write_parquet(
+            str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
     check_scores(str(scores_dir), cfg.max_rejected_fraction, pool_name)
     return str(scores_dir)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from selftrain.console import post, progress_board
 from selftrain.data.augment import augment_images, strong_transform, train_transform
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
+from selftrain.stages.failed_images import failed_images_actor, failed_images_report, report_failed
 from selftrain.stages.score import wants_gpu
 from selftrain.training.loop import HISTORY_FILE, MODEL_FILE, SPEC_FILE, train_loop_per_worker
 
@@ -35,6 +36,9 @@ from selftrain.training.loop import HISTORY_FILE, MODEL_FILE, SPEC_FILE, train_l
 class TrainedModel:
     model_dir: str
     history: list[dict[str, float]]
+    # Images that failed to read or decode during training (`stages/failed_images.py`):
+    # `count` distinct images, `failures` in all passes, the first ones `named` with their reason.
+    failed_images: dict[str, Any] = field(default_factory=lambda: {"count": 0, "failures": 0, "named": []})
 
 
 @dataclass(frozen=True)
@@ -48,22 +52,26 @@ class Streams:
     split_train: bool = True
     unlabeled: ray.data.Dataset | None = None
     pool_rows: int = 0
+    failed_images: Any = None  # the `FailedImages` actor the streams' tasks report to
 
 
 def _prepare(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: bool,
-             target_column: str, parquet_column: str) -> dict[str, Any]:
+             target_column: str, parquet_column: str, failed_images: Any = None) -> dict[str, Any]:
     """`{path, <target_column>}` -> `{image: uint8 NCHW augmented, target: float32 N x C}`."""
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    ok = loaded["error"] == ""  # validated earlier; a file that vanished since is skipped
+    # Validated earlier; a file that vanished or broke since is dropped and reported.
+    ok = report_failed(failed_images, batch["path"], loaded["error"])
     transform = train_transform(size, noise, randaugment)
     return {"image": augment_images(loaded["image"][ok], transform),
             "target": np.stack(list(batch[target_column]))[ok].astype(np.float32)}
 
 
-def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column: str) -> dict[str, Any]:
+def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column: str,
+           failed_images: Any = None) -> dict[str, Any]:
     """`{path, index, label}` of pool images -> a weak and a strong view of each (uint8 NCHW)."""
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    ok = loaded["error"] == ""  # a file that vanished or fails to decode since indexing is skipped
+    # A file that vanished or fails to decode since indexing is dropped and reported.
+    ok = report_failed(failed_images, batch["path"], loaded["error"])
     weak = augment_images(loaded["image"][ok], train_transform(size, noise, randaugment=False))
     return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True),
             "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
@@ -90,7 +98,8 @@ def _repeated(rows: ray.data.Dataset, repeats: int) -> ray.data.Dataset:
     return once.union(*[once] * (repeats - 1))
 
 
-def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[str, Any]) -> ray.data.Dataset:
+def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[str, Any],
+                    failed_images: Any = None) -> ray.data.Dataset:
     """The pool's weak and strong views, in the order of the index, which was shuffled once when
     it was written (no all-to-all shuffle per pass: a pool of millions stays streamed, and the
     training loop mixes rows across windows of batches)."""
@@ -99,7 +108,8 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     index = _repeated(readable.select_columns(["path", "label", "index"]), repeats)
     return index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
-                                                "parquet_column": cfg.data.parquet_image_column},
+                                                "parquet_column": cfg.data.parquet_image_column,
+                                                "failed_images": failed_images},
                              batch_size=VIEW_BATCH, num_cpus=cpus)
 
 
@@ -109,23 +119,28 @@ def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.Data
     Student's input noise); a teacher's only the weak flip-and-shift."""
     rows = len(labeled) + (pseudo["rows"] if pseudo else 0)
     pseudo_dir = pseudo["dir"] if pseudo else None
-    if not method.online:
-        return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo)), rows)
-    if not pool_index or not pool_index["rows"]:
+    if method.online and (not pool_index or not pool_index["rows"]):
         raise TrainingError(f"method {method.method!r} learns from the unlabeled pool, but the pool has no readable image")
+    failed = failed_images_actor()
+    if not method.online:
+        return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo),
+                                        failed_images=failed), rows, failed_images=failed)
     repeats = _repeats(rows, cfg.train.batch_size)
-    return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats),
+    return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
+                                    failed_images=failed),
                    rows * repeats, split_train=bool(pseudo),
-                   unlabeled=unlabeled_views(cfg, method, pool_index), pool_rows=pool_index["rows"])
+                   unlabeled=unlabeled_views(cfg, method, pool_index, failed), pool_rows=pool_index["rows"],
+                   failed_images=failed)
 
 
 def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: int,
-                     pseudo_dir: str | None, randaugment: bool, repeats: int = 1) -> ray.data.Dataset:
+                     pseudo_dir: str | None, randaugment: bool, repeats: int = 1,
+                     failed_images: Any = None) -> ray.data.Dataset:
     """Labeled rows (one-hot targets) + pseudo-labeled rows (teacher targets), prepared lazily."""
     cpus = cfg.train.data_cpus_per_task  # every task, reads too: a 1-CPU read beside the
     # trainer on a small node never gets scheduled and training waits forever
     prepare = {"size": cfg.data.image_size, "noise": cfg.noise, "randaugment": randaugment,
-               "parquet_column": cfg.data.parquet_image_column}
+               "parquet_column": cfg.data.parquet_image_column, "failed_images": failed_images}
     labeled = pd.concat([labeled] * repeats, ignore_index=True)
     one_hot = np.eye(num_classes, dtype=np.float32)[labeled["label"].to_numpy()]
     labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "target": list(one_hot)}))
@@ -259,4 +274,5 @@ def fit(cfg: PipelineConfig, name: str, loop_config: dict[str, Any], streams: St
     with result.checkpoint.as_directory() as checkpoint:
         for file in (MODEL_FILE, SPEC_FILE, HISTORY_FILE):
             shutil.copy2(Path(checkpoint) / file, model_dir / file)
-    return TrainedModel(str(model_dir), json.loads((model_dir / HISTORY_FILE).read_text()))
+    return TrainedModel(str(model_dir), json.loads((model_dir / HISTORY_FILE).read_text()),
+                        failed_images_report(streams.failed_images))

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from selftrain.cli import main
@@ -92,7 +93,7 @@ def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):
     for child, record in zip(children, summary["iterations"]):
         [output] = child.outputs.model_outputs
         logged = client.get_logged_model(output.model_id)
-        assert (logged.name, logged.source_run_id, logged.status.to_string()) == ("model", child.info.run_id, "READY")
+        assert (logged.name, logged.source_run_id, logged.status) == ("model", child.info.run_id, LoggedModelStatus.READY)
         assert logged.experiment_id == parent[0].info.experiment_id and output.model_id == record["mlflow_model_id"]
     files = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=f"runs:/{student.info.run_id}/model")}
     assert {"model/MLmodel", "model/requirements.txt", "model/input_example.json", "model/code",
@@ -186,8 +187,9 @@ def test_interrupted_student_is_retrained_in_its_own_mlflow_run(smoke, capsys):
     assert _summary(smoke)["iterations"][1]["mlflow_run_id"] == child
     # The retrained student is another model of the same run: a second LoggedModel, a second version.
     summary = _summary(smoke)
-    models = smoke["client"].get_run(child).outputs.model_outputs
-    assert len(models) == 2 and summary["iterations"][1]["mlflow_model_id"] == models[-1].model_id
+    models = [smoke["client"].get_logged_model(o.model_id) for o in smoke["client"].get_run(child).outputs.model_outputs]
+    newest = max(models, key=lambda m: m.creation_timestamp)
+    assert len(models) == 2 and summary["iterations"][1]["mlflow_model_id"] == newest.model_id
     versions = smoke["client"].search_model_versions("name = 'smoke'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     accuracy = {int(v.version): float(v.tags["test_accuracy"]) for v in versions}

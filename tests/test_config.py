@@ -191,3 +191,11 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"selftrain {__version__}"
+
+
+def test_registered_model_name_defaults_to_the_experiment_name_mlflow_accepts():
+    assert build_config({"name": "digits"}).registered_model_name == "digits"
+    assert build_config({"name": "/Users/me/exp:1"}).registered_model_name == "-Users-me-exp-1"
+    assert build_config({"name": "x", "registry": {"model_name": "prod"}}).registered_model_name == "prod"
+    with pytest.raises(ConfigError, match="registry.model_name: String should match pattern"):
+        build_config({"registry": {"model_name": "team/prod"}})

@@ -11,7 +11,7 @@ from playwright.sync_api import expect, sync_playwright
 from conftest import chromium_path
 from mlflow_server import mlflow_server
 from selftrain.plots import accuracy_per_iteration
-from selftrain.tracking import Tracker
+from selftrain.tracking import DatasetRecord, Tracker
 
 CHILDREN = ["iter0-teacher-resnet18", "iter1-student-resnet18"]
 START = time.monotonic()
@@ -22,6 +22,7 @@ def _fill(tracker: Tracker) -> tuple[str, str]:
     parent = tracker.start_run("pipeline-parent")
     children = [tracker.start_run(name, parent_id=parent) for name in CHILDREN]
     tracker.log_metrics(children[1], {"eval/accuracy": 0.9})
+    tracker.log_datasets(parent, [DatasetRecord("labeled", "/data/labeled", 50, "0123abcd", "training")])
     tracker.log_figure(children[1], accuracy_per_iteration([0.8, 0.9], ["resnet18", "resnet18"]),
                        "accuracy_per_iteration.png")  # 5 x 3.5 in at 100 dpi: 500 x 350 px
     for run in [*children, parent]:
@@ -41,6 +42,8 @@ def test_mlflow_ui_shows_the_run_tree_and_a_plot(tmp_path):
 
             page.goto(f"{experiment}/runs")
             expect(page.get_by_text("pipeline-parent").first).to_be_visible(timeout=WAIT_MS)
+            # The Dataset column names what the run read (the pipelines log theirs as dataset inputs).
+            expect(page.get_by_text("labeled (0123abcd)").first).to_be_visible(timeout=WAIT_MS)
             _screenshot(page, tmp_path / "runs.png")
 
             page.goto(f"{experiment}/runs/{parent}")  # the parent's overview lists its child runs

@@ -6,15 +6,23 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from selftrain.cli import main
+from selftrain.data.augment import to_model_input
+from selftrain.data.decode import decode_image
+from selftrain.training.loop import load_model
 
 from conftest import (REPO, chromium_path, copy_tree, digits_overrides, experiment_runs, external_references,
                       page_data, tracking_uri_set, write_corrupt_files)
@@ -186,8 +194,17 @@ def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):
     assert student.data.metrics["pseudo/kept_fraction"] == 1.0
     assert "pseudo/accuracy" in student.data.metrics and "pseudo/confidence_p50" in student.data.metrics
     artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
-    assert {"config.json", "confusion_matrix.json", "model"} <= artifacts
-    assert {a.path for a in client.list_artifacts(student.info.run_id, "model")} >= {"model/model.pt", "model/model.json"}
+    assert {"config.json", "confusion_matrix.json"} <= artifacts
+    # Each model is an MLflow model of its run (a LoggedModel in the run's experiment), with
+    # selftrain's own model.pt + model.json inside.
+    for child, record in zip(children, summary["iterations"]):
+        [output] = child.outputs.model_outputs
+        logged = client.get_logged_model(output.model_id)
+        assert (logged.name, logged.source_run_id, logged.status) == ("model", child.info.run_id, LoggedModelStatus.READY)
+        assert logged.experiment_id == parent[0].info.experiment_id and output.model_id == record["mlflow_model_id"]
+    files = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=f"runs:/{student.info.run_id}/model")}
+    assert {"model/MLmodel", "model/requirements.txt", "model/input_example.json", "model/code",
+            "model/extra_files"} <= files
     assert {a.path for a in client.list_artifacts(student.info.run_id, "plots")} == {
         "plots/confusion_matrix.png", "plots/confidence_histogram.png", "plots/pseudo_label_counts.png"}
     assert {a.path for a in client.list_artifacts(teacher.info.run_id, "plots")} == {"plots/confusion_matrix.png"}
@@ -211,6 +228,59 @@ def test_console_shows_progress_and_the_table_and_sends_ray_output_to_the_log(sm
     assert "Execution plan" in logs[0].read_text()
 
 
+def test_registered_final_model_loads_as_pyfunc_and_gives_the_final_models_logits(smoke, digits):
+    summary, client = _summary(smoke), smoke["client"]
+    final = summary["iterations"][-1]
+    best = client.get_model_version_by_alias("smoke", "best")
+    assert summary["registered_model"]["uri"] == f"models:/smoke/{best.version}"
+    assert (best.run_id, best.source) == (final["mlflow_run_id"], f"models:/{final['mlflow_model_id']}")
+    assert float(best.tags["test_accuracy"]) == final["test_accuracy"]
+    # Real test images of every class, decoded and normalised as the scorer does.
+    paths = [next(iter(sorted(Path(digits.test, c).glob("*.png")))) for c in summary["classes"]]
+    images = torch.from_numpy(np.stack([decode_image(p.read_bytes(), 16) for p in paths])).permute(0, 3, 1, 2)
+    batch = to_model_input(images).numpy()
+    pyfunc = mlflow.pyfunc.load_model("models:/smoke@best")
+    assert [s.shape for s in pyfunc.metadata.signature.inputs.inputs] == [(-1, 3, 16, 16)]
+    model, _ = load_model(final["model_dir"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(pyfunc.predict(batch), expected, rtol=1e-5, atol=1e-5)
+    # Pinned, never inferred: MLflow, torch and torchvision as installed (without a +cu label).
+    import torchvision
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/smoke@best")).read_text().split()
+    assert requirements == [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                            f"torchvision=={torchvision.__version__.split('+')[0]}"]
+
+
+def test_every_run_names_its_datasets_and_its_source(smoke, digits):
+    summary, runs = _summary(smoke), _runs(smoke)
+    teacher, student = summary["iterations"]
+    test_images = len(list(Path(digits.test).rglob("*.png")))
+    expected = {"labeled": teacher["train_rows"], "unlabeled": 1297,  # readable pool images (3 unreadable)
+                "pseudo_labels_iter1": student["train_rows"] - teacher["train_rows"], "test": test_images}
+    assert {name: d["rows"] for name, d in summary["datasets"].items()} == expected
+    assert summary["datasets"]["unlabeled"]["unreadable"] == len(smoke["bad"])
+
+    def inputs(run):
+        return {d.dataset.name: (json.loads(d.dataset.profile)["num_rows"], d.dataset.digest,
+                                 [t.value for t in d.tags if t.key == "mlflow.data.context"])
+                for d in run.inputs.dataset_inputs}
+
+    by_role = {r.data.tags["selftrain.role"]: inputs(r) for r in runs}
+    for role, names in (("pipeline", set(expected)), ("teacher", {"labeled", "test"}), ("student", set(expected))):
+        assert {n: v[0] for n, v in by_role[role].items()} == {n: expected[n] for n in names}, role
+        assert all(v[1] == summary["datasets"][n]["digest"] for n, v in by_role[role].items())
+    assert by_role["student"]["unlabeled"][2] == ["pseudo_labeling"] and by_role["student"]["test"][2] == ["evaluation"]
+    # MLflow's source tags: who ran what, from which commit (of this checkout, when it is one).
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    for run in runs:
+        tags = run.data.tags
+        assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
+        if commit.returncode == 0:
+            assert tags["mlflow.source.git.commit"] == commit.stdout.strip()
+
+
 def test_rerun_resumes_without_redoing_stages_or_duplicating_runs(smoke, capsys):
     before = _summary(smoke)
     capsys.readouterr()
@@ -219,6 +289,7 @@ def test_rerun_resumes_without_redoing_stages_or_duplicating_runs(smoke, capsys)
     assert "resuming" in out and "scores the pool" not in out and "training" not in out
     assert _summary(smoke) == before
     assert len(_runs(smoke)) == 3
+    assert len(smoke["client"].search_model_versions("name = 'smoke'")) == 1  # not registered twice
 
 
 def test_interrupted_student_is_retrained_in_its_own_mlflow_run(smoke, capsys):
@@ -238,6 +309,16 @@ def test_interrupted_student_is_retrained_in_its_own_mlflow_run(smoke, capsys):
     assert len(smoke["client"].get_metric_history(child, "train/loss")) == 1  # student_epochs, no duplicates
     assert len(smoke["client"].get_metric_history(child, "eval/accuracy")) == 1
     assert _summary(smoke)["iterations"][1]["mlflow_run_id"] == child
+    # The retrained student is another model of the same run: a second LoggedModel, a second version.
+    summary = _summary(smoke)
+    models = [smoke["client"].get_logged_model(o.model_id) for o in smoke["client"].get_run(child).outputs.model_outputs]
+    newest = max(models, key=lambda m: m.creation_timestamp)
+    assert len(models) == 2 and summary["iterations"][1]["mlflow_model_id"] == newest.model_id
+    versions = smoke["client"].search_model_versions("name = 'smoke'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    accuracy = {int(v.version): float(v.tags["test_accuracy"]) for v in versions}
+    best = smoke["client"].get_model_version_by_alias("smoke", "best")
+    assert accuracy[int(best.version)] == max(accuracy.values())
 
 
 def test_another_mlflow_store_for_the_same_output_dir_is_refused(smoke, capsys, monkeypatch, tmp_path):

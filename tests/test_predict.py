@@ -1,7 +1,10 @@
 """`selftrain predict`: every file of a folder labeled through the scoring path, unreadable
-files named, predictions equal to the model's own forward pass; MODEL as folder or run id."""
+files named, predictions equal to the model's own forward pass; MODEL as folder, run id, or
+registered model (alias, version)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +16,8 @@ from selftrain.cli import main
 from selftrain.data.augment import to_model_input
 from selftrain.data.decode import decode_image
 from selftrain.models.registry import build_model
+from selftrain.stages.predict import resolve_model
+from selftrain.tracking import Tracker
 from selftrain.training.loop import load_model, save_model
 
 from conftest import copy_tree, write_corrupt_files
@@ -51,6 +56,7 @@ def test_predict_labels_every_image_names_unreadable_ones_and_matches_the_model(
 
 def test_predict_takes_an_mlflow_run_id_and_refuses_what_is_not_a_model(ray_session, digits, model_dir, tmp_path,
                                                                          mlflow_store, capsys):
+    # A run from before models were MLflow models: its `model` artifact is the bare folder.
     client = MlflowClient(mlflow_store)
     run = client.create_run(client.create_experiment("predict"))
     client.log_artifacts(run.info.run_id, str(model_dir), "model")
@@ -61,5 +67,31 @@ def test_predict_takes_an_mlflow_run_id_and_refuses_what_is_not_a_model(ray_sess
     capsys.readouterr()
     assert main(["predict", str(tmp_path), str(data), "--out", str(tmp_path / "c")]) == 2
     assert "no model.json in this folder" in capsys.readouterr().err
+    assert main(["predict", "digits@best", str(data), "--out", str(tmp_path / "c")]) == 2
+    assert "not a model folder, an MLflow run id, runs:/<run id>/model, models:/<name>@<alias>" in capsys.readouterr().err
     assert main(["predict", "models:/digits@best", str(data), "--out", str(tmp_path / "c")]) == 2
-    assert "not a model folder, an MLflow run id or runs:/<run id>/model" in capsys.readouterr().err
+    assert "MODEL models:/digits@best: Registered Model with name=digits not found" in capsys.readouterr().err
+
+
+def test_predict_takes_a_registered_model_by_alias_or_version(ray_session, digits, model_dir, tmp_path, mlflow_store,
+                                                               capsys):
+    tracker = Tracker("predict-registry")
+    run = tracker.start_run("trained")
+    model, spec = load_model(model_dir)
+    example = np.zeros((1, 3, 16, 16), dtype=np.float32)
+    model_id = tracker.log_model(run, model, example, 10, [str(model_dir / "model.pt"), str(model_dir / "model.json")])
+    registered = tracker.register_model("digits", model_id, run, 0.5, {})
+    tracker.client.set_registered_model_alias("digits", "champion", registered["version"])
+    data = copy_tree(f"{digits.test}/7", tmp_path / "seven")
+    assert main(["predict", str(model_dir), str(data), "--out", str(tmp_path / "folder")]) == 0
+    assert main(["predict", "models:/digits@champion", str(data), "--out", str(tmp_path / "alias")]) == 0
+    by_path = [pd.read_parquet(tmp_path / name).sort_values("path", ignore_index=True) for name in ("folder", "alias")]
+    pd.testing.assert_frame_equal(*by_path)
+    # models:/<name>/<version> and the run id resolve to the same two files; nothing else is downloaded.
+    for uri in (f"models:/digits/{registered['version']}", run, f"runs:/{run}/model"):
+        local = resolve_model(uri, str(tmp_path / "downloads"))
+        assert sorted(p.name for p in Path(local).iterdir()) == ["model.json", "model.pt"]
+        assert (Path(local) / "model.pt").read_bytes() == (model_dir / "model.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["predict", "models:/digits@nope", str(data), "--out", str(tmp_path / "c")]) == 2
+    assert "MODEL models:/digits@nope: Registered model alias nope not found" in capsys.readouterr().err

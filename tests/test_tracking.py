@@ -1,5 +1,8 @@
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +89,61 @@ def test_experiments_are_marked_as_model_training(mlflow_store):
     tracker = Tracker("kind")
     experiment = MlflowClient(mlflow_store).get_experiment(tracker.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_best_alias_follows_the_highest_test_accuracy_and_a_model_registers_once(mlflow_store):
+    """Registered versions refer to LoggedModels (made bare here: registering reads no weights)."""
+    tracker = Tracker("registry")
+
+    def register(accuracy, model_id=None, run=None):
+        run = run or tracker.start_run("final")
+        model_id = model_id or tracker.client.create_logged_model(tracker.experiment_id, "model", run).model_id
+        return tracker.register_model("digits", model_id, run, accuracy, {"selftrain.role": "student"}), model_id, run
+
+    first, _, _ = register(0.5)
+    assert (first["version"], first["best_version"], first["uri"]) == (1, 1, "models:/digits/1")
+    better, model_id, run = register(0.7)
+    assert better["best_version"] == 2
+    worse, _, _ = register(0.6)  # a worse re-run does not take `best`
+    tie, _, _ = register(0.7)  # nor does an equal one: the oldest of equals keeps it
+    assert (worse["version"], worse["best_version"], tie["best_version"]) == (3, 2, 2)
+    again, _, _ = register(0.7, model_id, run)  # a resumed pipeline registers the same model again
+    assert again["version"] == 2 and len(tracker.client.search_model_versions("name = 'digits'")) == 4
+    best = tracker.client.get_model_version_by_alias("digits", "best")
+    assert (int(best.version), best.tags["test_accuracy"], best.run_id) == (2, "0.7", run)
+    assert best.source == f"models:/{model_id}" and best.tags["selftrain.role"] == "student"
+
+
+def test_runs_carry_mlflow_source_tags_children_their_parents_entry_point(mlflow_store, monkeypatch):
+    from selftrain.tracking import source_tags
+
+    tracker = Tracker("source")
+    parent = tracker.start_run("pipeline")
+    monkeypatch.setattr(sys, "argv", ["/elsewhere/default_worker.py"])  # as in a Ray worker
+    source_tags.cache_clear()
+    child = tracker.start_run("trial", parent_id=parent)
+    source_tags.cache_clear()
+    parent_tags, child_tags = (tracker.client.get_run(r).data.tags for r in (parent, child))
+    assert parent_tags["mlflow.source.type"] == "LOCAL" and parent_tags["mlflow.user"]
+    assert child_tags["mlflow.source.name"] == parent_tags["mlflow.source.name"] != "/elsewhere/default_worker.py"
+    commit = subprocess.run(["git", "-C", os.path.dirname(__file__), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:  # selftrain's checkout, whatever the entry point
+        assert parent_tags["mlflow.source.git.commit"] == child_tags["mlflow.source.git.commit"] == commit.stdout.strip()
+
+
+def test_dataset_inputs_keep_counts_and_mask_credentials(mlflow_store):
+    from selftrain.tracking import DatasetRecord
+
+    tracker = Tracker("datasets")
+    run = tracker.start_run("r")
+    pool = DatasetRecord("unlabeled", "s3://KEY:SECRET@bucket/pool", 1000, "0123abcd", "training", {"unreadable": 2})
+    labeled = DatasetRecord("labeled", "/data/labeled", 50, "89abcdef", "training")
+    tracker.log_datasets(run, [pool, labeled])
+    tracker.log_datasets(run, [pool])  # a resumed stage logs again: nothing is added
+    inputs = {d.dataset.name: d for d in tracker.client.get_run(run).inputs.dataset_inputs}
+    assert sorted(inputs) == ["labeled", "unlabeled"]
+    stored = inputs["unlabeled"].dataset
+    assert (stored.source_type, json.loads(stored.source), json.loads(stored.profile), stored.digest) == (
+        "s3", {"uri": "s3://KEY:***@bucket/pool"}, {"num_rows": 1000, "unreadable": 2}, "0123abcd")
+    assert inputs["labeled"].dataset.source_type == "local"
+    assert [(t.key, t.value) for t in inputs["labeled"].tags] == [("mlflow.data.context", "training")]

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run_smoke_subprocess
 from mlflow_server import mlflow_server, stop
 from selftrain.errors import TrackingError
+from selftrain.models.registry import build_model
 from selftrain.plots import accuracy_per_iteration
-from selftrain.tracking import Tracker, redact
+from selftrain.tracking import DatasetRecord, Tracker, redact
+from selftrain.training.loop import save_model
 
 
 @pytest.mark.parametrize("uri, shown", [
@@ -53,6 +57,15 @@ def test_a_server_that_dies_mid_run_loses_logs_not_the_run(tmp_path, capsys):
         tracker.log_metrics(child, {"train/loss": 1.5}, step=0)
         tracker.log_figure(child, accuracy_per_iteration([0.5, 0.6], ["a", "b"]), "accuracy.png")
         tracker.finish(tracker.start_run("finished before the outage", parent_id=parent))
+        # A model through the server's artifact proxy (mlflow-artifacts:/), registered.
+        torch.manual_seed(0)
+        model = build_model("cnn_tiny", 10).eval()
+        (tmp_path / "model").mkdir()
+        save_model(tmp_path / "model", model, {"arch": "cnn_tiny", "num_classes": 10})
+        model_args = (model, np.zeros((1, 3, 16, 16), np.float32), 10,
+                      [str(tmp_path / "model" / "model.pt"), str(tmp_path / "model" / "model.json")])
+        model_id = tracker.log_model(child, *model_args)
+        assert tracker.register_model("outage", model_id, child, 0.5, {})["best_version"] == 1
         assert tracker.outage() is None
         assert "hunter2" not in "".join(capsys.readouterr())  # MLflow prints run URLs on finish
         stop(server)  # the server goes down mid-run
@@ -63,12 +76,16 @@ def test_a_server_that_dies_mid_run_loses_logs_not_the_run(tmp_path, capsys):
         tracker.log_json(parent, {"a": 1}, "config.json")
         late = tracker.start_run("late child", parent_id=parent)
         tracker.log_metrics(late, {"eval/accuracy": 0.9})
+        tracker.log_datasets(child, [DatasetRecord("labeled", "/data", 50, "0123abcd", "training")])
+        assert tracker.log_model(child, *model_args) is None
+        assert tracker.register_model("outage", model_id, child, 0.9, {}) is None
         tracker.finish(child)
         tracker.finish(parent)
         elapsed = time.monotonic() - start
     outage = tracker.outage()
     assert late is None
-    assert outage["not_logged"] == {"metric batches": 4, "artifacts": 2, "run starts": 1, "run status updates": 2}
+    assert outage["not_logged"] == {"metric batches": 4, "artifacts": 2, "run starts": 1, "run status updates": 2,
+                                    "dataset inputs": 1, "models": 1, "model registrations": 1}
     assert outage["artifacts_not_logged"] == ["plots/confusion_matrix.png", "config.json"]
     assert outage["message"].startswith(f"MLflow at {url.replace('http://', 'http://bob:***@')} stopped answering; "
                                         "not logged: 4 metric batches, 2 artifacts (plots/confusion_matrix.png, ")
@@ -79,3 +96,5 @@ def test_a_server_that_dies_mid_run_loses_logs_not_the_run(tmp_path, capsys):
     assert store.get_run(parent).data.params == {"train.epochs": "3"}
     assert [m.value for m in store.get_metric_history(child, "train/loss")] == [1.5]
     assert [p.name for p in (tmp_path / "artifacts").rglob("*.png")] == ["accuracy.png"]
+    assert len(list((tmp_path / "artifacts").rglob("MLmodel"))) == 1
+    assert store.get_model_version_by_alias("outage", "best").source == f"models:/{model_id}"

@@ -285,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", parents=[_output_flags()], help="label images with a trained model (Ray Data, the scoring path) into Parquet",
         description="One row per file of DATA: path, class, class_index, confidence, probabilities, error "
                     "(unreadable files keep their row and reason). MODEL: a model folder "
-                    "(<output_dir>/iter1/model), an MLflow run id, or runs:/<run id>/model. DATA: a folder "
+                    "(<output_dir>/iter1/model), an MLflow run id, runs:/<run id>/model, or a registered "
+                    "model: models:/<name>@best (the final model with the highest test accuracy), "
+                    "models:/<name>@<alias>, models:/<name>/<version>. DATA: a folder "
                     "tree, a glob, Parquet, or a URI, as data.unlabeled.")
     predict.add_argument("model")
     predict.add_argument("data")
@@ -304,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "images are PIPELINE's data section (its labeled and test sets); results are printed, "
                     "written to OUT/eval.json and logged to MLflow in PIPELINE's experiment.")
     evaluate.add_argument("model", help="a model folder (e.g. <output_dir>/pretrain/model), an MLflow run id, "
-                                        "or runs:/<run id>/model")
+                                        "runs:/<run id>/model, models:/<name>@<alias> or models:/<name>/<version>")
     evaluate.add_argument("pipeline", help="pipeline YAML whose data (and, for finetune, teacher budget) to use")
     evaluate.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the pipeline")
     evaluate.add_argument("--protocol", default="knn,linear", help="knn, linear, finetune, or a comma list")

@@ -260,6 +260,16 @@ class ScoringConfig(_Strict):
         return self
 
 
+class RegistryConfig(_Strict):
+    """The MLflow Model Registry: where the final model of each finished pipeline is registered."""
+
+    model_name: str | None = Field(
+        None, min_length=1, pattern=r"^[^/:'\"]+$", description="registered model whose new version each "
+        "finished pipeline's final model becomes, tagged with its test accuracy; its alias `best` points at "
+        "the version with the highest test accuracy (a worse re-run does not move it); default: the "
+        "experiment name (`name`, with any / : or quote replaced by -, which MLflow does not allow)")
+
+
 METHOD_NAMES = ("supervised", "noisy_student", "pseudo_label", "fixmatch", "flexmatch", "freematch",
                 "softmatch", "dash", "mean_teacher", "uda", "entropy_min", "kd", "tf_kd")
 ONLINE_METHODS = ("pseudo_label", "fixmatch", "flexmatch", "freematch", "softmatch", "dash",
@@ -347,10 +357,16 @@ class PipelineConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     baseline: bool = Field(True, description="beside a teacher that learns from the pool (an online "
                            "method), also train the teacher's architecture supervised on the labeled "
                            "images alone, so the summary shows what the pool added; nothing extra when "
                            "the teacher is supervised already")
+
+    @property
+    def registered_model_name(self) -> str:
+        """`registry.model_name`, else the experiment name made a valid registered-model name."""
+        return self.registry.model_name or re.sub(r"[/:'\"]", "-", self.name)
 
     @property
     def teacher_init(self) -> str:

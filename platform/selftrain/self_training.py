@@ -9,7 +9,8 @@
         teacher <- student
 
 Every step is recorded in the ledger (`state.json`) so a re-run resumes where it stopped, and
-in MLflow: one parent run per pipeline, one child run per trained model.
+in MLflow: one parent run per pipeline, one child run per trained model, each model an MLflow
+model and the final one registered (`stages/publish.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from selftrain.pretraining import PRETRAIN_METHODS, check_pretrain_knobs
 from selftrain.stages.pretrain import pretrain_model
 from selftrain.stages.protocols import frozen_protocols
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics, stats_record
+from selftrain.stages.publish import (log_trained_model, pipeline_datasets, pretrain_datasets, register_final,
+                                      stage_datasets)
 from selftrain.stages.score import score_pool
 from selftrain.stages.pool_index import index_pool
 from selftrain.stages.train import MlflowEpochs, train_model, training_streams
@@ -119,8 +122,11 @@ def _run_locked(cfg: PipelineConfig, out: Path, say: Callable[[str], None], pare
             results.append(student)
             teacher = student
 
+        registered = register_final(run, results[-1])
         stage_seconds = {k.split("/", 1)[1]: v for k, v in ledger.state["records"].items() if k.startswith("seconds/")}
-        summary = _summarize(run, results, baseline, stage_seconds, backbone)
+        datasets = pipeline_datasets(run)
+        tracker.log_datasets(parent_id, datasets)
+        summary = _summarize(run, results, baseline, stage_seconds, backbone, datasets, registered)
         tracker.log_metrics(parent_id, {"eval/final_accuracy": summary["final_test_accuracy"],
                                         "eval/teacher_accuracy": results[0]["test_accuracy"],
                                         **({"eval/baseline_accuracy": baseline["test_accuracy"]} if baseline else {})})
@@ -286,6 +292,7 @@ def pretrain_stage(run: Run) -> dict[str, Any]:
     child = child_run(run, "pretrain", f"pretrain-{pretrain.method}-{arch}", 0, "pretrain")
     pool = pool_index_stage(run)
     knobs = {**PRETRAIN_METHODS[pretrain.method].defaults, **pretrain.knobs()}
+    run.tracker.log_datasets(child, pretrain_datasets(run))  # the pool it learns from; labeled -> test probes
     run.tracker.log_params(child, {"role": "pretrain", "arch": arch, "pool_rows": pool["rows"],
                                    **{f"pretrain.{k}": v for k, v in pretrain.model_dump().items() if v is not None},
                                    **{f"method.{k}": v for k, v in knobs.items()}})
@@ -330,6 +337,7 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
                                    "pseudo_rows": pseudo["rows"] if pseudo else 0,
                                    "pool_rows": pool["rows"] if pool else 0, **method_params(method),
                                    **({"init": init_backbone_dir} if init_backbone_dir else {})})
+    run.tracker.log_datasets(child, stage_datasets(run, iteration, pseudo, pool_read=pool is not None))
     if pseudo:
         run.tracker.log_metrics(child, pseudo["metrics"])
         stats, threshold = pseudo["stats"], cfg.pseudo_label.threshold
@@ -368,13 +376,13 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     run.tracker.log_figure(child, plots.confusion_matrix(
         result.confusion, classes, f"{role} {arch}: test accuracy {result.accuracy:.3f}"), "confusion_matrix.png")
     run.tracker.log_json(child, cfg.model_dump(), "config.json")
-    run.tracker.log_artifact(child, trained.model_dir, "model")
+    model_id = log_trained_model(run, child, trained.model_dir)  # runs:/<child>/model
     run.tracker.finish(child)
     record = {"iteration": iteration, "role": role, "model": arch, "method": method.method,
               "test_accuracy": result.accuracy,
               "pseudo_labels_kept": pseudo["kept"] if pseudo else 0,
               "pseudo_label_accuracy": pseudo["metrics"].get("pseudo/accuracy") if pseudo else None,
-              "train_rows": rows, "mlflow_run_id": child, "model_dir": trained.model_dir,
+              "train_rows": rows, "mlflow_run_id": child, "mlflow_model_id": model_id, "model_dir": trained.model_dir,
               "test_predictions": str(evaluation / PREDICTIONS_FILE),
               "pseudo_labels": pseudo["dir"] if pseudo else None, "failed_images": failed}
     run.ledger.put(f"{key}/result", record)
@@ -399,7 +407,8 @@ def baseline_stage(run: Run) -> dict[str, Any]:
 
 
 def _summarize(run: Run, results: list[dict[str, Any]], baseline: dict[str, Any] | None = None,
-               stage_seconds: dict[str, float] | None = None, backbone: dict[str, Any] | None = None) -> dict[str, Any]:
+               stage_seconds: dict[str, float] | None = None, backbone: dict[str, Any] | None = None,
+               datasets: list[Any] = (), registered: dict[str, Any] | None = None) -> dict[str, Any]:
     rejected = {r["path"]: r["reason"] for r in run.sets.rejected.to_dict("records")}
     pool_rejected = 0  # every pass scores the same pool; the lists name the first 1,000 only
     records = [run.ledger.get(f"iter{i}/pseudo_labels") for i in range(1, run.cfg.iterations + 1)]
@@ -428,6 +437,8 @@ def _summarize(run: Run, results: list[dict[str, Any]], baseline: dict[str, Any]
         "stage_seconds": stage_seconds or {},
         "teacher_scoring_passes": run.cfg.iterations,
         "iterations": results,
+        "registered_model": registered,
+        "datasets": {d.name: {"rows": d.rows, "digest": d.digest, "source": d.source, **d.profile} for d in datasets},
         "rejected": [{"path": p, "reason": r} for p, r in sorted(rejected.items())],
         "tracking_errors": [run.tracker.outage()] if run.tracker.outage() else [],
         "rejected_count": len(run.sets.rejected) + pool_rejected,
@@ -458,6 +469,10 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines[-1] += (f" ({summary.get('rejected_count', len(summary['rejected']))} unreadable files skipped"
                   + (f", {failed} images failed in training" if failed else "")
                   + f"; MLflow run {summary['mlflow_run_id']})")
+    if summary.get("registered_model"):
+        registered = summary["registered_model"]
+        lines.append(f"final model: {registered['uri']} (MLflow Model Registry; {registered['best_uri']} = "
+                     f"version {registered['best_version']}, the highest test accuracy)")
     if summary.get("pretrain"):
         pretrain = summary["pretrain"]
         lines.append(f"pretrained backbone ({pretrain['method']}, {pretrain['model']}): kNN accuracy "

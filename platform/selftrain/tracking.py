@@ -10,10 +10,16 @@ that stops answering later does not: training results matter more than their rec
 Tracker stops calling it, counts what it could not log and says so at the end (`outage()`).
 Credentials in URIs (the store's, the data's) are masked (`masking.redact`) in every param, JSON
 artifact and error this module shows or stores.
+
+Every run carries MLflow's source tags (user, entry point, git commit), and the datasets it read
+as dataset inputs (the runs table's Dataset column). Trained models are MLflow models, the final
+one registered (`mlflow_models.py`, the other module that imports mlflow, called through the same
+outage guard).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -22,16 +28,21 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import mlflow
 import requests
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT,
+                                      MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER)
 
-from selftrain.errors import TrackingError, raise_terminated
+from selftrain import mlflow_models
+from selftrain.errors import ConfigError, TrackingError, raise_terminated
 from selftrain.masking import redact, redact_tree
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -60,6 +71,49 @@ def check_tracking_store(uri: str | None = None) -> str:
             f"{_shorten(redact(str(exc)))}; start it (`mlflow server ...`) or unset MLFLOW_TRACKING_URI "
             "to track into sqlite:///mlflow.db in the working directory") from None
     return redact(uri)
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """MLflow's standard run context (`mlflow.user`, `mlflow.source.name` and `.type`, and the git
+    commit, branch and remote of the entry point's checkout), resolved once per process. When the
+    entry point is in no checkout (the `selftrain` console script, pytest, a Ray worker), the git
+    tags of selftrain's own source tree: a run names the code that trained it."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+    tags = dict(resolve_tags())
+    if MLFLOW_GIT_COMMIT not in tags:
+        here = str(Path(__file__).resolve())
+        for key, get in ((MLFLOW_GIT_COMMIT, get_git_commit), (MLFLOW_GIT_BRANCH, get_git_branch),
+                         (MLFLOW_GIT_REPO_URL, get_git_repo_url)):
+            if value := get(here):
+                tags[key] = value
+    return {key: redact(str(value)) for key, value in tags.items()}  # a remote URL may hold a token
+
+
+_ENTRY_POINT_TAGS = (MLFLOW_USER, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset a run read, described without reading it: `rows` and `digest` come from counts
+    and indexes the pipeline already holds (the pool is never collected on the driver)."""
+
+    name: str  # labeled, unlabeled, test, pseudo_labels_iter<i>
+    source: str  # its path or URI; masked before it is stored
+    rows: int
+    digest: str
+    context: str  # what the run did with it: training, evaluation, pseudo_labeling
+    profile: dict[str, Any] = field(default_factory=dict)  # more counts, beside num_rows
+
+    def entity(self) -> DatasetInput:
+        source = redact(self.source)
+        scheme = urlparse(source).scheme
+        kind = "local" if len(scheme) <= 1 or scheme == "file" else "http" if scheme in ("http", "https") else scheme
+        dataset = Dataset(self.name, self.digest, kind, json.dumps({"url" if kind == "http" else "uri": source}),
+                          profile=json.dumps({"num_rows": self.rows, **self.profile}))
+        return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, self.context)])
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -92,12 +146,17 @@ class Tracker:
 
     def start_run(self, name: str, parent_id: str | None = None,
                   tags: dict[str, str] | None = None) -> str | None:
-        """The new run's id, or None when the store stopped answering (later calls count as lost)."""
-        tags = {"mlflow.runName": name, **(tags or {})}
-        if parent_id:
-            tags[PARENT_TAG] = parent_id
-        return self._attempt("run starts", name, "", lambda: self.client.create_run(
-            self.experiment_id, tags=tags, run_name=name).info.run_id)
+        """The new run's id, or None when the store stopped answering (later calls count as lost).
+        A child run names its parent's entry point (a Tune trial runs in a Ray worker process)."""
+        def start() -> str:
+            context = source_tags()
+            if parent_id:
+                parent = self.client.get_run(parent_id).data.tags
+                context = {**context, **{k: parent[k] for k in _ENTRY_POINT_TAGS if k in parent}}
+            run_tags = {**context, "mlflow.runName": name, **(tags or {}), **({PARENT_TAG: parent_id} if parent_id else {})}
+            return self.client.create_run(self.experiment_id, tags=run_tags, run_name=name).info.run_id
+
+        return self._attempt("run starts", name, "", start)
 
     def find_or_start_run(self, name: str, parent_id: str, key_tag: str, key: str,
                           tags: dict[str, str] | None = None) -> str:
@@ -152,6 +211,29 @@ class Tracker:
             target = Path(tmp) / file_name
             target.write_text(json.dumps(redact_tree(data), indent=2, default=str))
             self._attempt("artifacts", file_name, run_id, lambda: self.client.log_artifact(run_id, str(target)))
+
+    def log_datasets(self, run_id: str | None, datasets: list[DatasetRecord]) -> None:
+        """Dataset inputs of the run; logging one again adds nothing (MLflow keeps one per name and digest)."""
+        self._attempt("dataset inputs", ", ".join(d.name for d in datasets), run_id,
+                      lambda: self.client.log_inputs(run_id, datasets=[d.entity() for d in datasets]))
+
+    def log_model(self, run_id: str | None, model: Any, input_example: Any, num_classes: int,
+                  files: list[str]) -> str | None:
+        """`model` as the MLflow model `runs:/<run_id>/model` (`mlflow_models.log_model`); its
+        LoggedModel id, or None when the store stopped answering."""
+        return self._attempt("models", "model", run_id, lambda: mlflow_models.log_model(
+            self.client, self.experiment_id, run_id, model, input_example, num_classes, files, source_tags()))
+
+    def register_model(self, name: str, model_id: str | None, run_id: str | None, accuracy: float,
+                       tags: dict[str, str]) -> dict[str, Any] | None:
+        """A version of registered model `name` for the logged model, alias `best` updated
+        (`mlflow_models.register_version`); None when the store stopped answering or the model
+        was never logged."""
+        if model_id is None:
+            self.not_logged["model registrations"].append(name)
+            return None
+        return self._attempt("model registrations", name, run_id, lambda: mlflow_models.register_version(
+            self.client, name, model_id, run_id, accuracy, {k: redact(str(v)) for k, v in tags.items()}))
 
     def log_figure(self, run_id: str | None, figure: Any, file_name: str) -> None:
         """Log a matplotlib figure as `plots/<file_name>` and release it."""
@@ -239,6 +321,17 @@ def search_runs(experiment: str, filter_string: str = "", uri: str | None = None
                           f"experiments there: {', '.join(names) or 'none'}")
     mlflow.set_tracking_uri(client.tracking_uri)
     return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string)
+
+
+def download_model_files(uri: str, root: str, what: str) -> str:
+    """A local folder with the `model.pt` + `model.json` of an MLflow model URI (`runs:/`,
+    `models:/<name>@<alias>`, `models:/<name>/<version>`); ConfigError naming `what` and
+    MLflow's reason (no such run, registered model, alias or version) when there is none."""
+    try:
+        return mlflow_models.download_model_files(uri, root, tracking_uri())
+    except MlflowException as exc:
+        raise ConfigError(f"{what}: {_shorten(redact(str(exc).splitlines()[0]))} "
+                          f"(MLflow at {redact(tracking_uri())})") from None
 
 
 def _shorten(text: str, keep: int = 250) -> str:

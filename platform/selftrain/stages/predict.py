@@ -5,7 +5,9 @@ tasks, decoded per file, an actor pool on the GPUs when present), then one row p
 its class name, confidence and class probabilities. Unreadable files keep their row and reason.
 
 MODEL is a model folder (`<output_dir>/iter<i>/model`: `model.pt` + `model.json`), an MLflow run
-id of a trained model (its `model` artifact), or `runs:/<run id>/model`.
+id of a trained model (its logged model `model`), `runs:/<run id>/model`, or a registered model:
+`models:/<name>@<alias>` (`models:/<name>@best`: the best final model so far) or
+`models:/<name>/<version>`. From MLflow only the model's `model.pt` + `model.json` are downloaded.
 """
 
 from __future__ import annotations
@@ -29,35 +31,22 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def resolve_model(model: str, download_root: str) -> str:
-    """A local model folder for MODEL (a folder, an MLflow run id, or `runs:/<id>/<path>`)."""
+    """A local model folder for MODEL (a folder, an MLflow run id, `runs:/<id>/<name>`,
+    `models:/<name>@<alias>` or `models:/<name>/<version>`)."""
     if Path(model).is_dir():
         if not (Path(model) / SPEC_FILE).exists():
             raise ConfigError(f"MODEL {model}: no {SPEC_FILE} in this folder; point at a model folder "
                               "such as <output_dir>/iter1/model")
         return str(Path(model).resolve())  # Ray's workers run in other directories
-    run_id, artifact = None, "model"
-    if _RUN_ID.match(model):
-        run_id = model
-    elif model.startswith("runs:/"):
-        run_id, _, artifact = model[len("runs:/"):].partition("/")
-        artifact = artifact or "model"
-    if run_id is None:
-        raise ConfigError(f"MODEL {model}: not a model folder, an MLflow run id or runs:/<run id>/model "
-                          "(registered models: not supported yet)")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from selftrain.tracking import check_tracking_store, tracking_uri
+    uri = f"runs:/{model}/model" if _RUN_ID.match(model) else model
+    if not uri.startswith(("runs:/", "models:/")):
+        raise ConfigError(f"MODEL {model}: not a model folder, an MLflow run id, runs:/<run id>/model, "
+                          "models:/<name>@<alias> or models:/<name>/<version>")
+    from selftrain.tracking import check_tracking_store, download_model_files
 
     check_tracking_store()  # a dead store fails in seconds, naming it
-    try:
-        local = MlflowClient(tracking_uri()).download_artifacts(run_id, artifact, download_root)
-    except MlflowException as exc:
-        raise ConfigError(f"MODEL {model}: MLflow has no artifact {artifact!r} for run {run_id}: "
-                          f"{str(exc).splitlines()[0]}") from None
-    if not (Path(local) / SPEC_FILE).exists():
-        raise ConfigError(f"MODEL {model}: the artifact {artifact!r} of run {run_id} is not a model folder")
-    return local
+    Path(download_root).mkdir(parents=True, exist_ok=True)
+    return download_model_files(uri, download_root, f"MODEL {model}")
 
 
 def _probabilities(batch: pd.DataFrame, classes: list[str]) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from selftrain.fsio import LOG_DIR
 from selftrain.masking import redact
 
 LOGGER = logging.getLogger("selftrain")
@@ -329,7 +330,7 @@ def console(mode: str = "normal", log_dir: str | Path | None = None, command: st
     LOGGER.propagate = False  # the console handler is the one that prints
     log_file, log_path, saved_fd = None, None, None
     if mode != "verbose" and log_dir is not None:
-        log_path = Path(log_dir) / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log_path = Path(log_dir) / LOG_DIR / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
         # What Ray's log thread and `warnings` print goes to sys.stdout/stderr as they are then.

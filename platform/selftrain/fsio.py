@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import IO, Any
 
 from selftrain.errors import ConfigError
 
+LOG_DIR = "logs"  # the console's log files (`console.py`)
 LOCK_FILE = ".selftrain.lock"
 _HELD: dict[Path, int] = {}  # directories this process holds, with their nesting depth
 
@@ -123,8 +125,10 @@ class OutputLock:
         if self._handle is not None:
             self._handle.truncate(0)  # a stale holder line would mislead nobody, but keep it clean
             # A run that failed before writing anything (Ray unreachable, bad input) leaves no
-            # output_dir behind if it made it.
-            if self._created and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
+            # output_dir behind if it made it: only the lock, and the log of a start whose error
+            # was printed (`console.py`), are there then.
+            if self._created and {p.name for p in self.directory.iterdir()} <= {LOCK_FILE, LOG_DIR}:
+                shutil.rmtree(self.directory / LOG_DIR, ignore_errors=True)
                 (self.directory / LOCK_FILE).unlink()
                 self.directory.rmdir()
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)

@@ -136,6 +136,7 @@ class TeacherScorer:
     `tta_views`, made on the device in the same stream, and `logits` are log p̄ (`tta_log_probs`)."""
 
     tta: tuple[str, ...] = ()  # a subclass that sets itself up (the bench's) scores the plain image
+    progress: dict[str, Any] | None = None  # ... and posts no progress
 
     def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool, tta: Sequence[str] = (),
                  progress: dict[str, Any] | None = None):

@@ -45,14 +45,12 @@ def _check_tracking(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from selftrain.config import load_config
-    from selftrain.ray_runtime import init_ray
 
     cfg = load_config(args.pipeline, args.overrides)
     _check_tracking(args)  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
     # A busy output_dir is refused before Ray starts.
     with OutputLock(cfg.output_dir, "run"), _console(args, cfg.output_dir, "run") as shown:
-        init_ray(args.num_cpus)
-        shown.start_progress()
+        shown.start_ray(args.num_cpus)
         from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
 
         summary = run_pipeline(cfg)
@@ -63,14 +61,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from selftrain.config import load_sweep
-    from selftrain.ray_runtime import init_ray
     from selftrain.sweep import run_sweep, sweep_table
 
     cfg, sweep = load_sweep(args.sweep, args.overrides)
     _check_tracking(args)
     with OutputLock(cfg.output_dir, "sweep"), _console(args, cfg.output_dir, "sweep") as shown:
-        init_ray(args.num_cpus)
-        shown.start_progress()
+        shown.start_ray(args.num_cpus)
         summary = run_sweep(cfg, sweep, resume=args.resume)
     print(sweep_table(summary))
     print(f"summary: {os.path.join(cfg.output_dir, 'summary.json')}")
@@ -124,13 +120,11 @@ def _add_sweep_commands(commands: Any) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from selftrain.config import ScoringConfig
-    from selftrain.ray_runtime import init_ray
 
     cfg = ScoringConfig(batch_size=args.batch_size, max_rejected_fraction=args.max_rejected_fraction)
     out = Path(args.out).resolve()
     with _console(args, out.parent, "predict") as shown:
-        init_ray(args.num_cpus)
-        shown.start_progress()
+        shown.start_ray(args.num_cpus)
         from selftrain.stages.predict import predict  # heavy: torch, Ray Data
 
         result = predict(args.model, args.data, str(out), cfg, args.parquet_column)
@@ -143,15 +137,13 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from selftrain.config import load_config
-    from selftrain.ray_runtime import init_ray
 
     cfg = load_config(args.pipeline, args.overrides)
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
     _check_tracking(args)
     out = Path(args.out or os.path.join(cfg.output_dir, "eval")).expanduser().resolve()
     with OutputLock(out, "eval"), _console(args, out, "eval") as shown:
-        init_ray(args.num_cpus)
-        shown.start_progress()
+        shown.start_ray(args.num_cpus)
         from selftrain.stages.predict import resolve_model  # heavy: torch, Ray Data
         from selftrain.stages.protocols import evaluate_backbone
         from selftrain.tracking import Tracker
@@ -180,7 +172,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _protocol(args: argparse.Namespace) -> int:
     from selftrain.config import load_config
     from selftrain.errors import ConfigError
-    from selftrain.ray_runtime import init_ray
 
     cfg = load_config(args.pipeline, args.overrides)
     try:
@@ -189,8 +180,7 @@ def _protocol(args: argparse.Namespace) -> int:
         raise ConfigError(f"--labels-per-class {args.labels_per_class!r}: give counts like 1,4,25") from None
     _check_tracking(args)
     with OutputLock(cfg.output_dir, "protocol"), _console(args, cfg.output_dir, "protocol") as shown:
-        init_ray(args.num_cpus)
-        shown.start_progress()
+        shown.start_ray(args.num_cpus)
         from selftrain.protocol import run_protocol  # heavy: torch, Ray Data
 
         result = run_protocol(cfg, labels, args.seeds)
@@ -217,7 +207,6 @@ def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from selftrain.bench import PARTS, record, run_bench, table
-    from selftrain.ray_runtime import init_ray
 
     parts = args.parts.split(",") if args.parts else list(PARTS)
     unknown = sorted(set(parts) - set(PARTS))
@@ -232,8 +221,7 @@ def _bench(args: argparse.Namespace) -> int:
                   "--full forces the GPU-sized bench", flush=True)
     out = Path(args.out or f"runs/bench/bench-{'quick' if args.quick else 'full'}.json")
     with _console(args, out.resolve().parent, "bench") as shown:  # no progress board: nothing extra timed
-        init_ray(args.num_cpus)  # before the clocks: Ray's start-up is not part of any measurement
-        shown.reroute_libraries()
+        shown.start_ray(args.num_cpus, progress=False)  # before the clocks: Ray's start-up is not measured
         results = run_bench(args.quick, parts, args.tmp_dir, say=LOGGER.info, repeats=args.repeats)
     run_id = record(results, out, " ".join(["selftrain", *sys.argv[1:]]))
     print(table(results))

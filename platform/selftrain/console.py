@@ -266,6 +266,19 @@ class Console:
     progress: Progress | None = None
     _rerouted: list[tuple[logging.StreamHandler, Any]] = field(default_factory=list)
     _log_file: TextIO | None = None
+    _started_ray: bool = False  # this command started a local Ray: it goes down with the console
+
+    def start_ray(self, num_cpus: int | None, progress: bool = True) -> None:
+        """`init_ray`, then `start_progress` (unless `progress` is False). A Ray this command
+        started is shut down before the console closes, so the messages of its last moments
+        (the raylet's worker warnings) land in the log file, not on the terminal after the result."""
+        from selftrain.ray_runtime import init_ray
+
+        self._started_ray = init_ray(num_cpus)
+        if progress:
+            self.start_progress()
+        else:
+            self.reroute_libraries()
 
     def reroute_libraries(self) -> None:
         """Point the console handlers of Ray's, MLflow's (...) loggers at the log file. Called
@@ -349,6 +362,10 @@ def console(mode: str = "normal", log_dir: str | Path | None = None, command: st
         if state.progress is not None:
             state.progress.stop()
         _board = None
+        if state._started_ray:
+            import ray
+
+            ray.shutdown()
         for routed, original in reversed(state._rerouted):
             routed.setStream(original)
         if log_file is not None:  # handlers made while sys.stderr was the log file (a late import)

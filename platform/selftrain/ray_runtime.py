@@ -23,7 +23,9 @@ REQUIRED_MODULES = ("selftrain", "torch", "torchvision", "mlflow")
 _PROBE_TIMEOUT_S = 5.0
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None) -> bool:
+    """Connect to RAY_ADDRESS, or start a private local Ray; True when this call started or
+    joined one (False: Ray was already up in this process)."""
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_address_answers(address)  # before importing ray: seconds, not the import's cost
@@ -31,7 +33,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     import ray.data
 
     if ray.is_initialized():  # e.g. the CLI called in-process by a test that shares one Ray
-        return
+        return False
     if address:
         # Submitted as a Ray job (or pointed at a cluster): join that cluster, never a new one.
         ray.init(address=address)
@@ -44,6 +46,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # cleaner polls; without it the cleaner warns every second.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    return True
 
 
 def check_address_answers(address: str) -> None:

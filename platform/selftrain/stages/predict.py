@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from selftrain.config import ScoringConfig
+from selftrain.console import end_task, progress_task
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError, raised_in_tasks
 from selftrain.stages.score import check_scores, score
@@ -73,9 +74,13 @@ def predict(model: str, data: str, out: str, cfg: ScoringConfig, parquet_column:
         spec = json.loads((Path(model_dir) / SPEC_FILE).read_text())  # the actors build the model
         classes = spec.get("classes") or [str(c) for c in range(spec["num_classes"])]
         rows = read_pool(data, parquet_column, None)
-        scored = score(rows, model_dir, cfg, spec["image_size"], from_paths=False)
-        with raised_in_tasks():  # a Parquet file that cannot be read: a DataError naming it
-            scored.map_batches(_probabilities, fn_kwargs={"classes": classes}, batch_format="pandas",
-                               num_cpus=0.5).write_parquet(out, ray_remote_args={"num_cpus": 0.5})
+        progress = progress_task(f"predicting {data}")  # under the CLI: images done, img/s, unreadable
+        scored = score(rows, model_dir, cfg, spec["image_size"], from_paths=False, progress=progress)
+        try:
+            with raised_in_tasks():  # a Parquet file that cannot be read: a DataError naming it
+                scored.map_batches(_probabilities, fn_kwargs={"classes": classes}, batch_format="pandas",
+                                   num_cpus=0.5).write_parquet(out, ray_remote_args={"num_cpus": 0.5})
+        finally:
+            end_task(progress)
     images, rejected = check_scores(out, cfg.max_rejected_fraction, f"DATA {data}")
     return {"out": out, "files": images, "unreadable": rejected, "classes": classes}

@@ -220,6 +220,9 @@ def test_console_shows_progress_and_the_table_and_sends_ray_output_to_the_log(sm
     assert "[iteration 1] student cnn_tiny: epoch 1/1  loss" in text
     scored = [line for line in lines if "[iteration 1] scoring the pool: " in line]
     assert scored and "1,300 images" in scored[-1] and "3 unreadable" in scored[-1]  # 1,297 good + 3 corrupt
+    # The pseudo-labelling pass over the same scores, counted from its parts as they arrive.
+    labelled = [line for line in lines if "[iteration 1] pseudo-labelling: " in line]
+    assert labelled and "1,300 images" in labelled[-1] and "3 unreadable" in labelled[-1]
     assert "iteration    role    model" in text and "summary: " in text
     # Ray's own output (execution plans, training reports) is in the run's log file, not here.
     assert "Execution plan" not in text and "Reporting training result" not in text

@@ -201,9 +201,13 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
         meta = {"teacher_id": teacher["mlflow_run_id"], "teacher_model": teacher["model"],
                 "iteration": iteration, "threshold": cfg.threshold, "temperature": cfg.temperature,
                 "tta": run.cfg.scoring.tta}
-        directory, stats, rows = select_pseudo_labels(
-            scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
-            run.seed(iteration), meta)
+        progress = progress_task(f"[iteration {iteration}] pseudo-labelling")
+        try:
+            directory, stats, rows = select_pseudo_labels(
+                scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
+                run.seed(iteration), meta, progress)
+        finally:
+            end_task(progress)
         run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "
                 f"τ={cfg.threshold} ({rows} rows after balancing, {stats.rejected_count} unreadable"
                 + (f", {stats.non_finite_count} with NaN or infinite teacher logits, not pseudo-labelled, e.g. "

@@ -19,6 +19,7 @@ import pandas as pd
 import ray.data
 
 from selftrain.config import PseudoLabelConfig
+from selftrain.console import post
 from selftrain.errors import PseudoLabelError
 from selftrain.methods.pseudo_label import default_per_class, targets
 from selftrain.stages.balance import balance
@@ -78,7 +79,10 @@ def _batch_stats(batch: pd.DataFrame, threshold: float, num_classes: int) -> pd.
     }])
 
 
-def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int) -> PoolStats:
+def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int,
+               progress: dict[str, Any] | None = None) -> PoolStats:
+    """The pool's counts and histograms, in one streaming pass over the scores; `progress`
+    (`console.progress_task`) gets the scores read so far."""
     stats = PoolStats(kept_per_class=[0] * num_classes)
     columns = ["path", "label", "error", "prediction", "confidence"]
     parts = scores.select_columns(columns).map_batches(
@@ -94,6 +98,10 @@ def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int) -> 
         stats.rejected_count += int(part["rejected_count"])
         stats.non_finite = (stats.non_finite + list(part["non_finite"]))[:LISTED]
         stats.non_finite_count += int(part["non_finite_count"])
+        if progress:
+            post(progress["board"], {"task": progress["task"], "unit": "img", "total": progress.get("total"),
+                                     "done": int(part["scored"]) + int(part["rejected_count"]) + int(part["non_finite_count"]),
+                                     "unreadable": int(part["rejected_count"])})
     return stats
 
 
@@ -146,17 +154,17 @@ def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -
 
 def select_pseudo_labels(
     scores_dir: str, cfg: PseudoLabelConfig, classes: list[str], out_dir: Path, seed: int,
-    meta: dict[str, Any],
+    meta: dict[str, Any], progress: dict[str, Any] | None = None,
 ) -> tuple[str, PoolStats, int]:
     """Write `out_dir/pseudo_labels/`; return its path, the pool stats and the rows written.
 
     Each `meta` item becomes a constant column (provenance: teacher, iteration, threshold,
     temperature, ...); `meta["tta"]`, the `scoring.tta` list that scored the pool, is written
-    as its `tta_name` string."""
+    as its `tta_name` string. `progress` shows the pass over the scores."""
     if isinstance(meta.get("tta"), (list, tuple)):
         meta = {**meta, "tta": tta_name(meta["tta"])}
     scores = ray.data.read_parquet(scores_dir)
-    stats = pool_stats(scores, cfg.threshold, len(classes))
+    stats = pool_stats(scores, cfg.threshold, len(classes), progress)
     check_usable(stats, cfg, classes)
     kept = scores.map_batches(_keep, batch_format="pandas", fn_kwargs={"threshold": cfg.threshold})
     rows = stats.kept

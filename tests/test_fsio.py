@@ -169,3 +169,22 @@ def test_a_lock_that_made_the_output_dir_removes_it_when_nothing_was_written(tmp
     with OutputLock(tmp_path / "kept", "run"):
         (tmp_path / "kept" / "state.json").write_text("{}")
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [LOCK_FILE, "state.json"]
+
+
+def test_a_run_started_before_a_config_key_existed_resumes_when_the_key_is_at_its_default(tmp_path):
+    """state.json written by an older selftrain lacks keys added since (here `registry`, and
+    `train.max_failures`): read as their defaults they are no difference; a non-default value is."""
+    from selftrain.config import ConfigError, build_config
+    from selftrain.ledger import Ledger
+
+    cfg = build_config({"name": "old"})
+    Ledger(tmp_path, cfg).put("stage", 1)
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["config"]["registry"], state["config"]["train"]["max_failures"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+
+    assert Ledger(tmp_path, cfg).get("stage") == 1  # resumes
+    with pytest.raises(ConfigError, match=r"registry: None -> \{'model_name': 'prod'\}"):
+        Ledger(tmp_path, build_config({"name": "old", "registry": {"model_name": "prod"}}))
+    with pytest.raises(ConfigError, match=r"train.max_failures: None -> 2"):
+        Ledger(tmp_path, build_config({"name": "old", "train": {"max_failures": 2}}))

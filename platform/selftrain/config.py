@@ -597,16 +597,27 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Pi
     return cfg, sweep
 
 
-def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two config dumps: `key: old -> new`."""
+def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                 defaults: dict[str, Any] | None = None) -> list[str]:
+    """Human-readable differences between two config dumps: `key: old -> new`.
+
+    With `defaults` (a dump of the defaults), a key that `old` lacks and `new` holds at its
+    default is no difference: `old` was written by a selftrain from before that key existed,
+    which behaved as the default does."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        default = (defaults or {}).get(key, _NO_DEFAULT)
+        if key not in old and key in new and defaults is not None and b == default:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += diff_configs(a, b, prefix=f"{name}.")
+            out += diff_configs(a, b, f"{name}.", default if isinstance(default, dict) else None)
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+_NO_DEFAULT = object()
 
 
 def _bounds(field: Any) -> str:

@@ -28,9 +28,11 @@ class Ledger:
         resolved = config.model_dump() if isinstance(config, PipelineConfig) else dict(config)
         resolved.pop("output_dir", None)  # the same directory may be spelled differently
         resolved = redact_tree(resolved)  # stored and compared masked: no data credentials on disk
+        # Keys added to selftrain since a run started read as their defaults in its stored config.
+        defaults = _defaults() if isinstance(config, PipelineConfig) else None
         if self.path.exists():
             self.state = json.loads(self.path.read_text())
-            changes = diff_configs(self.state["config"], resolved)
+            changes = diff_configs(self.state["config"], resolved, defaults=defaults)
             if changes:
                 raise ConfigError(
                     f"{output_dir} holds a {kind} with a different config; use a new output_dir or "
@@ -55,3 +57,10 @@ class Ledger:
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self.state, indent=2, default=str)  # never half a ledger
+
+
+def _defaults() -> dict[str, Any]:
+    """The stored form (masked, without output_dir) of a config of defaults only."""
+    dump = PipelineConfig().model_dump()
+    dump.pop("output_dir", None)
+    return redact_tree(dump)

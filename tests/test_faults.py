@@ -138,3 +138,30 @@ def test_sigterm_during_training_marks_the_runs_killed_and_exits_143(tmp_path):
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("smoke").experiment_id])
     assert sorted(r.data.tags["selftrain.role"] for r in runs) == ["pipeline", "teacher"]
     assert {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_the_same_config_and_seed_give_the_same_pool_index_and_the_same_weights(ray_session, digits, tmp_path):
+    """An online method (FixMatch: weak and strong views of the pool made in Ray Data tasks, a
+    labeled stream repeated and keyed) trained twice from scratch ends on the same weights."""
+    import pandas as pd
+
+    from selftrain.stages.pool_index import index_pool
+
+    cfg = load_config(str(REPO / "pipelines" / "fixmatch.yaml"), [
+        "teacher.method=fixmatch", "teacher.mu=2", "teacher.threshold=0.1", "model.teacher=cnn_tiny", "train.teacher_epochs=2",
+        "train.steps_per_epoch=8", "train.batch_size=16", f"output_dir={tmp_path}"])
+    sets = load_labeled_sets(digits.labeled, digits.test, cfg.data.image_size)
+    spec = {"num_classes": 10, "classes": sets.classes, "image_size": cfg.data.image_size}
+    indexes = [index_pool(str(digits.unlabeled), "image", None, cfg.data.image_size, tmp_path / f"pool{i}", cfg.seed)
+               for i in range(2)]
+    first, second = (pd.read_parquet(i["dir"]).sort_values("index")["path"].tolist() for i in indexes)
+    assert first == second and len(first) > 1000  # the same shuffle, numbered the same
+    weights = []
+    for run in range(2):
+        streams = training_streams(cfg, cfg.teacher, sets.labeled, 10, None, indexes[0])
+        trained = train_model(cfg, f"run{run}", "cnn_tiny", streams, spec, student=False,
+                              out_dir=tmp_path / f"run{run}", seed=0)
+        weights.append(torch.load(Path(trained.model_dir) / "model.pt", weights_only=True))
+        assert trained.history[-1]["unsup/mask_rate"] > 0.5  # the strong views move the weights
+    differing = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not differing, f"two runs with one seed differ in {differing}"

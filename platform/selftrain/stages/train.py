@@ -118,6 +118,7 @@ def _keyed(batch: dict[str, Any], repeat: int) -> dict[str, Any]:
 def keyed_repeats(rows: ray.data.Dataset, repeats: int, cpus: float) -> ray.data.Dataset:
     """`_repeated`, each row with its `key` (path and repeat): ids only, materialised once when
     repeated, so every pass reads the same blocks in the same order."""
+    rows = ordered(rows)  # before materialising: its blocks in order too
     if repeats == 1:
         return rows.map_batches(_keyed, fn_kwargs={"repeat": 0}, num_cpus=cpus)
     once = rows.materialize()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from selftrain.config import load_config
 from selftrain.data.folders import load_labeled_sets
@@ -56,7 +57,8 @@ def _wait_for(predicate, timeout: float, what: str):
 
 def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, digits, tmp_path):
     """SIGKILL the Ray Train worker once its first checkpoint is committed: Ray Train starts a new
-    worker, the loop resumes after that checkpoint, and every epoch is in the history once."""
+    worker, the loop resumes after that checkpoint, every epoch is in the history once, and the
+    final weights equal those of an uninterrupted run with the same seed."""
     epochs = 4
     cfg = load_config(str(REPO / "pipelines" / "fixmatch.yaml"), [
         "teacher.method=supervised", "model.teacher=cnn_tiny", f"train.teacher_epochs={epochs}",
@@ -75,7 +77,7 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray
         except BaseException as exc:  # reported by the assertion below
             result["error"] = exc
 
-    thread = threading.Thread(target=fit)
+    thread = threading.Thread(target=fit)  # the run whose worker is killed
     thread.start()
     storage = out.parent / "ray_train" / "fault"
     # Committed = registered by the controller (in its snapshot), not merely written: a worker
@@ -96,6 +98,18 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray
     # Resumed, not restarted from scratch: the epochs before the checkpoint are the ones it saved.
     assert history[:len(saved)] == saved
     assert (Path(result["trained"].model_dir) / "model.pt").exists()
+
+    # Reproducible: the same config and seed, uninterrupted, ends on the same weights, bit for bit
+    # (augmentation seeded per row and pass, rows in order, the stream's position and the RNG
+    # restored with the checkpoint). Any of them missing moves some weight.
+    again = train_model(cfg, "uninterrupted", "cnn_tiny", training_streams(cfg, cfg.teacher, sets.labeled, 10, None, None),
+                        spec, student=False, out_dir=tmp_path / "again", seed=0)
+    assert [h["train/loss"] for h in again.history] == [h["train/loss"] for h in history]
+    killed = torch.load(Path(result["trained"].model_dir) / "model.pt", weights_only=True)
+    clean = torch.load(Path(again.model_dir) / "model.pt", weights_only=True)
+    assert killed.keys() == clean.keys()
+    differing = [k for k in clean if not torch.equal(killed[k], clean[k])]
+    assert not differing, f"weights differ from the uninterrupted run's: {differing}"
 
 
 def test_sigterm_during_training_marks_the_runs_killed_and_exits_143(tmp_path):
@@ -124,3 +138,30 @@ def test_sigterm_during_training_marks_the_runs_killed_and_exits_143(tmp_path):
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("smoke").experiment_id])
     assert sorted(r.data.tags["selftrain.role"] for r in runs) == ["pipeline", "teacher"]
     assert {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_the_same_config_and_seed_give_the_same_pool_index_and_the_same_weights(ray_session, digits, tmp_path):
+    """An online method (FixMatch: weak and strong views of the pool made in Ray Data tasks, a
+    labeled stream repeated and keyed) trained twice from scratch ends on the same weights."""
+    import pandas as pd
+
+    from selftrain.stages.pool_index import index_pool
+
+    cfg = load_config(str(REPO / "pipelines" / "fixmatch.yaml"), [
+        "teacher.method=fixmatch", "teacher.mu=2", "teacher.threshold=0.1", "model.teacher=cnn_tiny", "train.teacher_epochs=2",
+        "train.steps_per_epoch=8", "train.batch_size=16", f"output_dir={tmp_path}"])
+    sets = load_labeled_sets(digits.labeled, digits.test, cfg.data.image_size)
+    spec = {"num_classes": 10, "classes": sets.classes, "image_size": cfg.data.image_size}
+    indexes = [index_pool(str(digits.unlabeled), "image", None, cfg.data.image_size, tmp_path / f"pool{i}", cfg.seed)
+               for i in range(2)]
+    first, second = (pd.read_parquet(i["dir"]).sort_values("index")["path"].tolist() for i in indexes)
+    assert first == second and len(first) > 1000  # the same shuffle, numbered the same
+    weights = []
+    for run in range(2):
+        streams = training_streams(cfg, cfg.teacher, sets.labeled, 10, None, indexes[0])
+        trained = train_model(cfg, f"run{run}", "cnn_tiny", streams, spec, student=False,
+                              out_dir=tmp_path / f"run{run}", seed=0)
+        weights.append(torch.load(Path(trained.model_dir) / "model.pt", weights_only=True))
+        assert trained.history[-1]["unsup/mask_rate"] > 0.5  # the strong views move the weights
+    differing = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not differing, f"two runs with one seed differ in {differing}"

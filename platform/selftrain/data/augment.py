@@ -60,12 +60,22 @@ def contrastive_transform(image_size: int, noise: NoiseConfig, crop_scale_min: f
     return v2.Compose(ops)
 
 
-def augment_images(images: np.ndarray, transform: v2.Transform, channels_first: bool = False) -> np.ndarray:
+def augment_images(images: np.ndarray, transform: v2.Transform, channels_first: bool = False,
+                   seeds: np.ndarray | None = None) -> np.ndarray:
     """uint8 NHWC (or NCHW with `channels_first`) -> augmented uint8 NCHW; each image gets its
-    own random ops."""
+    own random ops, drawn from its entry of `seeds` when given (reproducible, whatever process
+    runs it; torchvision's transforms draw from torch's global generator), else from the
+    process's random state."""
     chw = torch.from_numpy(np.ascontiguousarray(images))
     chw = chw if channels_first else chw.permute(0, 3, 1, 2)
-    return torch.stack([transform(image) for image in chw]).numpy()
+    if seeds is None:
+        return torch.stack([transform(image) for image in chw]).numpy()
+    out = []
+    cpu = torch.default_generator  # what the transforms draw from; torch.manual_seed would also
+    for image, seed in zip(chw, seeds):  # seed every device's generator (90 us, not 1 us, each)
+        cpu.manual_seed(int(seed))
+        out.append(transform(image))
+    return torch.stack(out).numpy() if out else np.empty((0, *chw.shape[1:]), dtype=np.uint8)
 
 
 @functools.cache

@@ -22,29 +22,37 @@ from selftrain.data.augment import augment_images, contrastive_transform
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.stages.failed_images import failed_images_actor, report_failed
-from selftrain.stages.train import VIEW_BATCH, Streams, TrainedModel, _repeated, _repeats, fit, image_list
+from selftrain.stages.passes import row_seeds, stream_passes_actor
+from selftrain.stages.train import (STRONG_VIEW, VIEW_BATCH, Streams, TrainedModel, _repeats, fit, image_list,
+                                    keyed_repeats, ordered)
 
 
 def _pretrain_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop_scale_min: float,
-                    color_jitter: float, parquet_column: str, failed_images: Any = None) -> dict[str, Any]:
-    """`{path, ...}` of pool images -> two independently augmented views of each (uint8 NCHW)."""
+                    color_jitter: float, parquet_column: str, failed_images: Any = None,
+                    passes: Any = None, seed: int = 0) -> dict[str, Any]:
+    """`{path, key, ...}` of pool images -> two independently augmented views of each (uint8
+    NCHW), each from a seed of its own (`stages/passes.py`)."""
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
     # A file that vanished or broke since indexing is dropped and reported.
-    images = loaded["image"][report_failed(failed_images, batch["path"], loaded["error"])]
+    ok = report_failed(failed_images, batch["path"], loaded["error"])
+    seeds = row_seeds(passes, "train", seed, batch["key"])
+    seeds = None if seeds is None else seeds[ok]
     transform = contrastive_transform(size, noise, crop_scale_min, color_jitter)
-    return {"view0": augment_images(images, transform), "view1": augment_images(images, transform)}
+    return {"view0": augment_images(loaded["image"][ok], transform, seeds=seeds),
+            "view1": augment_images(loaded["image"][ok], transform, seeds=None if seeds is None else seeds ^ STRONG_VIEW)}
 
 
-def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_images: Any = None) -> ray.data.Dataset:
+def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_images: Any = None,
+                   passes: Any = None) -> ray.data.Dataset:
     """The pool's two views per image, in the index's (once shuffled) order, streamed."""
     cpus, pretrain = cfg.train.data_cpus_per_task, cfg.pretrain
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
-    paths = _repeated(readable.select_columns(["path"]), _repeats(pool_index["rows"], pretrain.batch_size))
-    return paths.map_batches(_pretrain_views, fn_kwargs={
+    paths = keyed_repeats(readable.select_columns(["path"]), _repeats(pool_index["rows"], pretrain.batch_size), cpus)
+    return ordered(paths.map_batches(_pretrain_views, fn_kwargs={
         "size": cfg.data.image_size, "noise": cfg.noise, "crop_scale_min": pretrain.crop_scale_min,
         "color_jitter": pretrain.color_jitter, "parquet_column": cfg.data.parquet_image_column,
-        "failed_images": failed_images,
-    }, batch_size=VIEW_BATCH, num_cpus=cpus)
+        "failed_images": failed_images, "passes": passes, "seed": cfg.seed,
+    }, batch_size=VIEW_BATCH, num_cpus=cpus))
 
 
 def knn_monitor(cfg: PipelineConfig, labeled: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
@@ -74,6 +82,7 @@ def pretrain_model(cfg: PipelineConfig, arch: str, pool_index: dict[str, Any], l
         "torch_threads": cfg.train.torch_threads, "final_model_dir": str(out_dir / "model"),
         "knn": knn_monitor(cfg, labeled, test),
     }
-    failed = failed_images_actor()
-    return fit(cfg, "pretrain", loop_config, Streams(pretrain_views(cfg, pool_index, failed), rows, failed_images=failed),
+    failed, passes = failed_images_actor(), stream_passes_actor()
+    return fit(cfg, "pretrain", loop_config,
+               Streams(pretrain_views(cfg, pool_index, failed, passes), rows, failed_images=failed, passes=passes),
                out_dir, callbacks, label=f"[pretrain] {pretrain.method} {arch}")

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from selftrain.config import MethodConfig, NoiseConfig, PipelineConfig
 from selftrain.console import post, progress_board
 from selftrain.data.augment import augment_images, strong_transform, train_transform
+from selftrain.stages.passes import row_seeds, stream_passes_actor
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.stages.failed_images import failed_images_actor, failed_images_report, report_failed
@@ -53,29 +54,39 @@ class Streams:
     unlabeled: ray.data.Dataset | None = None
     pool_rows: int = 0
     failed_images: Any = None  # the `FailedImages` actor the streams' tasks report to
+    passes: Any = None  # the `StreamPasses` actor that seeds the streams' augmentation
 
 
 def _prepare(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: bool,
-             target_column: str, parquet_column: str, failed_images: Any = None) -> dict[str, Any]:
-    """`{path, <target_column>}` -> `{image: uint8 NCHW augmented, target: float32 N x C}`."""
+             target_column: str, parquet_column: str, failed_images: Any = None,
+             passes: Any = None, seed: int = 0) -> dict[str, Any]:
+    """`{path, key, <target_column>}` -> `{image: uint8 NCHW augmented, target: float32 N x C}`;
+    each row augmented from its own seed (`stages/passes.py`)."""
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
     # Validated earlier; a file that vanished or broke since is dropped and reported.
     ok = report_failed(failed_images, batch["path"], loaded["error"])
+    seeds = row_seeds(passes, "train", seed, batch["key"])
     transform = train_transform(size, noise, randaugment)
-    return {"image": augment_images(loaded["image"][ok], transform),
+    return {"image": augment_images(loaded["image"][ok], transform, seeds=None if seeds is None else seeds[ok]),
             "target": np.stack(list(batch[target_column]))[ok].astype(np.float32)}
 
 
 def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column: str,
-           failed_images: Any = None) -> dict[str, Any]:
-    """`{path, index, label}` of pool images -> a weak and a strong view of each (uint8 NCHW)."""
+           failed_images: Any = None, passes: Any = None, seed: int = 0) -> dict[str, Any]:
+    """`{path, key, index, label}` of pool images -> a weak and a strong view of each (uint8
+    NCHW), each from a seed of its own (`stages/passes.py`)."""
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
     # A file that vanished or fails to decode since indexing is dropped and reported.
     ok = report_failed(failed_images, batch["path"], loaded["error"])
-    weak = augment_images(loaded["image"][ok], train_transform(size, noise, randaugment=False))
-    return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True),
+    seeds = row_seeds(passes, "unlabeled", seed, batch["key"])
+    seeds = None if seeds is None else seeds[ok]
+    weak = augment_images(loaded["image"][ok], train_transform(size, noise, randaugment=False), seeds=seeds)
+    strong_seeds = None if seeds is None else seeds ^ STRONG_VIEW
+    return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True, seeds=strong_seeds),
             "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
 
+
+STRONG_VIEW = np.uint64(0x9E3779B97F4A7C15)  # a strong view's seed: its row's seed XOR this
 
 PASS_BATCHES = 64  # a small stream is repeated until one pass holds this many batches
 VIEW_BATCH = 256  # pool images per view-making task: per-task overhead stays small beside the work
@@ -98,19 +109,44 @@ def _repeated(rows: ray.data.Dataset, repeats: int) -> ray.data.Dataset:
     return once.union(*[once] * (repeats - 1))
 
 
+def _keyed(batch: dict[str, Any], repeat: int) -> dict[str, Any]:
+    """A row's key, which seeds its augmentation: its path and which repeat of it this is."""
+    batch["key"] = np.array([f"{path}|{repeat}" for path in batch["path"]], dtype=object)
+    return batch
+
+
+def keyed_repeats(rows: ray.data.Dataset, repeats: int, cpus: float) -> ray.data.Dataset:
+    """`_repeated`, each row with its `key` (path and repeat): ids only, materialised once when
+    repeated, so every pass reads the same blocks in the same order."""
+    rows = ordered(rows)  # before materialising: its blocks in order too
+    if repeats == 1:
+        return rows.map_batches(_keyed, fn_kwargs={"repeat": 0}, num_cpus=cpus)
+    once = rows.materialize()
+    copies = [once.map_batches(_keyed, fn_kwargs={"repeat": k}, num_cpus=cpus) for k in range(repeats)]
+    return copies[0].union(*copies[1:]).materialize()
+
+
+def ordered(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """Rows in the same order on every run (Ray Data otherwise passes on whichever task ends
+    first): with seeded augmentation, the same batches."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
 def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[str, Any],
-                    failed_images: Any = None) -> ray.data.Dataset:
+                    failed_images: Any = None, passes: Any = None) -> ray.data.Dataset:
     """The pool's weak and strong views, in the order of the index, which was shuffled once when
     it was written (no all-to-all shuffle per pass: a pool of millions stays streamed, and the
     training loop mixes rows across windows of batches)."""
     cpus = cfg.train.data_cpus_per_task
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
-    index = _repeated(readable.select_columns(["path", "label", "index"]), repeats)
-    return index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
-                                                "parquet_column": cfg.data.parquet_image_column,
-                                                "failed_images": failed_images},
-                             batch_size=VIEW_BATCH, num_cpus=cpus)
+    index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus)
+    return ordered(index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
+                                                         "parquet_column": cfg.data.parquet_image_column,
+                                                         "failed_images": failed_images, "passes": passes,
+                                                         "seed": cfg.seed},
+                                      batch_size=VIEW_BATCH, num_cpus=cpus))
 
 
 def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.DataFrame, num_classes: int,
@@ -121,36 +157,39 @@ def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.Data
     pseudo_dir = pseudo["dir"] if pseudo else None
     if method.online and (not pool_index or not pool_index["rows"]):
         raise TrainingError(f"method {method.method!r} learns from the unlabeled pool, but the pool has no readable image")
-    failed = failed_images_actor()
+    failed, passes = failed_images_actor(), stream_passes_actor()
     if not method.online:
         return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo),
-                                        failed_images=failed), rows, failed_images=failed)
+                                        failed_images=failed, passes=passes), rows,
+                       failed_images=failed, passes=passes)
     repeats = _repeats(rows, cfg.train.batch_size)
     return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
-                                    failed_images=failed),
+                                    failed_images=failed, passes=passes),
                    rows * repeats, split_train=bool(pseudo),
-                   unlabeled=unlabeled_views(cfg, method, pool_index, failed), pool_rows=pool_index["rows"],
-                   failed_images=failed)
+                   unlabeled=unlabeled_views(cfg, method, pool_index, failed, passes), pool_rows=pool_index["rows"],
+                   failed_images=failed, passes=passes)
 
 
 def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: int,
                      pseudo_dir: str | None, randaugment: bool, repeats: int = 1,
-                     failed_images: Any = None) -> ray.data.Dataset:
+                     failed_images: Any = None, passes: Any = None) -> ray.data.Dataset:
     """Labeled rows (one-hot targets) + pseudo-labeled rows (teacher targets), prepared lazily."""
     cpus = cfg.train.data_cpus_per_task  # every task, reads too: a 1-CPU read beside the
     # trainer on a small node never gets scheduled and training waits forever
     prepare = {"size": cfg.data.image_size, "noise": cfg.noise, "randaugment": randaugment,
-               "parquet_column": cfg.data.parquet_image_column, "failed_images": failed_images}
+               "parquet_column": cfg.data.parquet_image_column, "failed_images": failed_images,
+               "passes": passes, "seed": cfg.seed}
     labeled = pd.concat([labeled] * repeats, ignore_index=True)
     one_hot = np.eye(num_classes, dtype=np.float32)[labeled["label"].to_numpy()]
-    labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "target": list(one_hot)}))
+    keys = [f"{path}|{row}" for row, path in enumerate(labeled["path"])]  # seeds each row's augmentation
+    labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "key": keys, "target": list(one_hot)}))
     dataset = labeled_rows.map_batches(_prepare, fn_kwargs={**prepare, "target_column": "target"},
                                        batch_size=64, num_cpus=cpus)
     if pseudo_dir:
         pseudo = ray.data.read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
-        dataset = dataset.union(_repeated(pseudo, repeats).map_batches(
+        dataset = dataset.union(keyed_repeats(pseudo, repeats, cpus).map_batches(
             _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
-    return dataset.randomize_block_order(seed=cfg.seed)
+    return ordered(dataset.randomize_block_order(seed=cfg.seed))
 
 
 def image_list(images: pd.DataFrame, cfg: PipelineConfig) -> dict[str, Any]:
@@ -255,7 +294,7 @@ def fit(cfg: PipelineConfig, name: str, loop_config: dict[str, Any], streams: St
         callbacks = [*(callbacks or []), ProgressEpochs(board, task, int(loop_config["epochs"]))]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "stream_passes": streams.passes},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str((out_dir.parent / "ray_train").resolve()),

@@ -31,7 +31,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from selftrain.methods import METHODS, Batch
 from selftrain.models.backbone import load_backbone
 from selftrain.models.registry import build_model
 from selftrain.pretraining import PRETRAIN_METHODS
+from selftrain.seeds import seed_of
 
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model.json"
@@ -130,20 +131,55 @@ def _mixed(batches: Iterator[dict[str, torch.Tensor]], generator: torch.Generato
         yield from flush()
 
 
-def _cycle(shard: Any, batch_size: int, device: torch.device, drop: bool, seed: int,
-           shuffle_buffer: int | None) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of `shard` forever: a new pass (fresh Ray Data augmentation) when one ends."""
-    generator = torch.Generator().manual_seed(seed)
-    for passes in range(1_000_000_000):
-        batches = shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop,
-                                           local_shuffle_buffer_size=shuffle_buffer,
-                                           local_shuffle_seed=seed + passes if shuffle_buffer else None)
-        empty = True
-        for batch in (batches if shuffle_buffer else _mixed(batches, generator)):
-            empty = False
-            yield batch
-        if empty:
-            raise TrainingError("a training stream yielded no batch: the dataset is empty")
+class _Stream:
+    """Batches of one Ray Data shard, pass after pass (a new pass: a new execution, fresh
+    augmentation), with a position a checkpoint keeps: (passes done, batches of this pass used).
+
+    Reproducible (`stages/passes.py`): before pass `j` starts, the `StreamPasses` actor (when
+    given) is told `j`, so the tasks draw every row's augmentation from (run seed, stream, j,
+    row key); the rows come in order (`preserve_order`), and the window shuffle is seeded by
+    `j`. The batches are then a function of the seed and the position alone: a worker restored
+    from a checkpoint starts the pass it was in again and skips the batches it had used, at the
+    cost of decoding them once more (less than one pass)."""
+
+    def __init__(self, shard: Any, name: str, batch_size: int, device: torch.device, drop: bool, seed: int,
+                 shuffle_buffer: int | None, passes: Any = None, position: Sequence[int] | None = None):
+        self.shard, self.name, self.batch_size, self.device, self.drop = shard, name, batch_size, device, drop
+        self.seed, self.shuffle_buffer, self.passes = seed, shuffle_buffer, passes
+        self.passes_done, self.used = (int(position[0]), int(position[1])) if position else (0, 0)
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def position(self) -> list[int]:
+        return [self.passes_done, self.used]
+
+    def _start(self) -> None:
+        if self.passes is not None:
+            ray.get(self.passes.start.remote(self.name, self.passes_done))
+        pass_seed = seed_of(self.seed, self.passes_done)
+        batches = self.shard.iter_torch_batches(batch_size=self.batch_size, device=self.device, drop_last=self.drop,
+                                                local_shuffle_buffer_size=self.shuffle_buffer,
+                                                local_shuffle_seed=pass_seed % 2**32 if self.shuffle_buffer else None)
+        self._batches = iter(batches if self.shuffle_buffer else _mixed(batches, torch.Generator().manual_seed(pass_seed)))
+
+    def __iter__(self) -> _Stream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:  # the first batch, or the first after a restore
+            self._start()
+            for _ in range(self.used):  # replay this pass up to the restored position
+                if next(self._batches, None) is None:
+                    raise TrainingError(f"training stream {self.name!r} is shorter than when it was checkpointed "
+                                        f"({self.used} batches into pass {self.passes_done})")
+        batch = next(self._batches, None)
+        if batch is None:  # this pass is over: the next one
+            self.passes_done, self.used = self.passes_done + 1, 0
+            self._start()
+            batch = next(self._batches, None)
+            if batch is None:
+                raise TrainingError("a training stream yielded no batch: the dataset is empty")
+        self.used += 1
+        return batch
 
 
 def _decoded(images: dict[str, Any] | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -289,15 +325,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
 
     split_train = config.get("split_train", True)
-    train = _cycle(ray.train.get_dataset_shard("train"), config["batch_size"], device,
-                   drop=drop_last(config, world if split_train else 1),
-                   seed=config["seed"] * 1000 + 100 * rank + start_epoch,
-                   # A replicated stream is private to this rank: Ray's shuffle buffer is safe there.
-                   shuffle_buffer=None if split_train and world > 1 else (config["shuffle_buffer"] or None))
+    positions = (state or {}).get("streams", {})
+    train = _Stream(ray.train.get_dataset_shard("train"), "train", config["batch_size"], device,
+                    drop=drop_last(config, world if split_train else 1), seed=seed_of(config["seed"], rank, "train"),
+                    # A replicated stream is private to this rank: Ray's shuffle buffer is safe there.
+                    shuffle_buffer=None if split_train and world > 1 else (config["shuffle_buffer"] or None),
+                    passes=config.get("stream_passes"), position=positions.get("train"))
     pool = None
     if config.get("online"):
-        pool = _cycle(ray.train.get_dataset_shard("unlabeled"), config["mu"] * config["batch_size"], device,
-                      drop=True, seed=config["seed"] * 1000 + 100 * rank + start_epoch + 7, shuffle_buffer=None)
+        pool = _Stream(ray.train.get_dataset_shard("unlabeled"), "unlabeled", config["mu"] * config["batch_size"],
+                       device, drop=True, seed=seed_of(config["seed"], rank, "unlabeled"), shuffle_buffer=None,
+                       passes=config.get("stream_passes"), position=positions.get("unlabeled"))
+    streams = {"train": train, **({"unlabeled": pool} if pool else {})}
     validation = _decoded(config.get("validation"), config["image_size"])
     knn = config.get("knn")
     knn_sets = (_decoded(knn["bank"], config["image_size"]), _decoded(knn["queries"], config["image_size"])) if knn else None
@@ -308,6 +347,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # report (a barrier) and checkpoint as well as every wait for data: the honest images/s.
     mark = time.perf_counter()
     for epoch in range(start_epoch, config["epochs"]):
+        # Dropout, stochastic depth and the methods' own draws: from (seed, rank, epoch), so a
+        # run restored at this epoch draws what the uninterrupted run drew.
+        torch.manual_seed(seed_of(config["seed"], rank, epoch))
         ddp_model.train()
         sums = _EpochMetrics(device)
         for step in range(per_epoch):
@@ -348,10 +390,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_model(final, evaluated, spec)
             atomic_write_json(final / HISTORY_FILE, history)
         save = last or (epoch + 1) % config["checkpoint_every"] == 0
-        _report(epoch_metrics, rank, model, method, optimizer, scheduler, epoch, history, spec, save)
+        _report(epoch_metrics, rank, model, method, optimizer, scheduler, epoch, history, spec, save, streams)
 
     if start_epoch >= config["epochs"]:  # restored after the last epoch: report it again
-        _report(history[-1], rank, model, method, optimizer, scheduler, config["epochs"] - 1, history, spec, True)
+        _report(history[-1], rank, model, method, optimizer, scheduler, config["epochs"] - 1, history, spec, True,
+                streams)
 
 
 def _record_placement_group(path: Path) -> None:
@@ -386,7 +429,8 @@ def _batch(train: dict[str, torch.Tensor], pool: dict[str, torch.Tensor] | None,
     return batch
 
 
-def _report(metrics, rank, model, method, optimizer, scheduler, epoch, history, spec, save: bool) -> None:
+def _report(metrics, rank, model, method, optimizer, scheduler, epoch, history, spec, save: bool,
+            streams: dict[str, _Stream]) -> None:
     """Every rank calls report (a barrier); only rank 0 writes a checkpoint, when `save`.
 
     The checkpoint's `model.pt` holds the weights to evaluate (the EMA where the method keeps
@@ -395,7 +439,9 @@ def _report(metrics, rank, model, method, optimizer, scheduler, epoch, history, 
         checkpoint = None
         if rank == 0 and save:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "method": method.state_dict(), "epoch": epoch, "history": history}, Path(tmp) / STATE_FILE)
+                        "method": method.state_dict(), "epoch": epoch, "history": history,
+                        "streams": {name: stream.position() for name, stream in streams.items()}},
+                       Path(tmp) / STATE_FILE)
             torch.save(model.state_dict(), Path(tmp) / LIVE_MODEL_FILE)
             save_model(Path(tmp), method.eval_model(model), spec)
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))

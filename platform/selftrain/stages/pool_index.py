@@ -62,7 +62,11 @@ def index_pool(spec: str, image_column: str, classes: list[str] | None, image_si
     """Write the pool's index under `out_dir/index/`; returns `{dir, rows, rejected, rejected_count}`."""
     pool = read_pool(spec, image_column, classes).map_batches(
         _check, fn_kwargs={"size": image_size}, num_cpus=LIST_CPUS)
-    numbered = pool.random_shuffle(seed=seed).map_batches(
+    # The same files give the same index, run after run (reproducible training reads it in order):
+    # sorted by path whatever order the listing tasks finish in, then shuffled by the seed, and
+    # numbered in that order.
+    pool.context.execution_options.preserve_order = True
+    numbered = pool.sort("path").random_shuffle(seed=seed).map_batches(
         _Numberer, compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=LIST_CPUS)
     directory = out_dir / "index"
     with raised_in_tasks():  # a Parquet pool file that cannot be read: a DataError naming it

@@ -28,10 +28,10 @@ class Ledger:
         resolved = config.model_dump() if isinstance(config, PipelineConfig) else dict(config)
         resolved.pop("output_dir", None)  # the same directory may be spelled differently
         resolved = redact_tree(resolved)  # stored and compared masked: no data credentials on disk
-        # Keys added to selftrain since a run started read as their defaults in its stored config.
-        defaults = _defaults() if isinstance(config, PipelineConfig) else None
         if self.path.exists():
             self.state = json.loads(self.path.read_text())
+            # Keys added to selftrain since the run started read as their defaults in its stored config.
+            defaults = _defaults() if isinstance(config, PipelineConfig) else None
             changes = diff_configs(self.state["config"], resolved, defaults=defaults)
             if changes:
                 raise ConfigError(

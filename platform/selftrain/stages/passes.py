@@ -46,12 +46,23 @@ def stream_passes_actor() -> Any:
     return StreamPasses.options(scheduling_strategy="DEFAULT").remote()
 
 
-def row_seeds(passes: Any, stream: str, run_seed: int, keys: Sequence[str]) -> np.ndarray | None:
-    """One seed per row of a task's batch, from (run seed, stream, pass, key); None without a
-    `StreamPasses` actor (library callers that build streams by hand: the process's random state)."""
+OTHER_VIEW = np.uint64(0x9E3779B97F4A7C15)  # a second view's seed: its row's seed XOR this
+
+
+def other_view(seeds: np.ndarray | None) -> np.ndarray | None:
+    """The seeds of a row's second view (FixMatch's strong view, a contrastive method's view 1)."""
+    return None if seeds is None else seeds ^ OTHER_VIEW
+
+
+def row_seeds(passes: Any, stream: str, run_seed: int, keys: Sequence[str],
+              keep: np.ndarray | None = None) -> np.ndarray | None:
+    """One seed per row of a task's batch (the rows `keep` marks, when given), from (run seed,
+    stream, pass, key); None without a `StreamPasses` actor (library callers that build streams
+    by hand: the process's random state)."""
     if passes is None:
         return None
     index = ray.get(passes.get.remote(stream))
     if index is None:
         raise RuntimeError(f"training stream {stream!r} is executing, but no pass was started for it")
-    return np.array([seed_of(run_seed, stream, index, str(key)) for key in keys], dtype=np.uint64)
+    seeds = np.array([seed_of(run_seed, stream, index, str(key)) for key in keys], dtype=np.uint64)
+    return seeds if keep is None else seeds[keep]

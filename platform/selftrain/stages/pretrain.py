@@ -22,9 +22,8 @@ from selftrain.data.augment import augment_images, contrastive_transform
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.stages.failed_images import failed_images_actor, report_failed
-from selftrain.stages.passes import row_seeds, stream_passes_actor
-from selftrain.stages.train import (STRONG_VIEW, VIEW_BATCH, Streams, TrainedModel, _repeats, fit, image_list,
-                                    keyed_repeats, ordered)
+from selftrain.stages.passes import other_view, row_seeds, stream_passes_actor
+from selftrain.stages.train import VIEW_BATCH, Streams, TrainedModel, _repeats, fit, image_list, keyed_repeats, ordered
 
 
 def _pretrain_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop_scale_min: float,
@@ -35,11 +34,10 @@ def _pretrain_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop_s
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
     # A file that vanished or broke since indexing is dropped and reported.
     ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "train", seed, batch["key"])
-    seeds = None if seeds is None else seeds[ok]
+    seeds = row_seeds(passes, "train", seed, batch["key"], keep=ok)
     transform = contrastive_transform(size, noise, crop_scale_min, color_jitter)
     return {"view0": augment_images(loaded["image"][ok], transform, seeds=seeds),
-            "view1": augment_images(loaded["image"][ok], transform, seeds=None if seeds is None else seeds ^ STRONG_VIEW)}
+            "view1": augment_images(loaded["image"][ok], transform, seeds=other_view(seeds))}
 
 
 def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_images: Any = None,

@@ -25,10 +25,10 @@ from ray.train.torch import TorchTrainer
 from selftrain.config import MethodConfig, NoiseConfig, PipelineConfig
 from selftrain.console import post, progress_board
 from selftrain.data.augment import augment_images, strong_transform, train_transform
-from selftrain.stages.passes import row_seeds, stream_passes_actor
 from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.stages.failed_images import failed_images_actor, failed_images_report, report_failed
+from selftrain.stages.passes import other_view, row_seeds, stream_passes_actor
 from selftrain.stages.score import wants_gpu
 from selftrain.training.loop import HISTORY_FILE, MODEL_FILE, SPEC_FILE, train_loop_per_worker
 
@@ -65,9 +65,9 @@ def _prepare(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: 
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
     # Validated earlier; a file that vanished or broke since is dropped and reported.
     ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "train", seed, batch["key"])
+    seeds = row_seeds(passes, "train", seed, batch["key"], keep=ok)
     transform = train_transform(size, noise, randaugment)
-    return {"image": augment_images(loaded["image"][ok], transform, seeds=None if seeds is None else seeds[ok]),
+    return {"image": augment_images(loaded["image"][ok], transform, seeds=seeds),
             "target": np.stack(list(batch[target_column]))[ok].astype(np.float32)}
 
 
@@ -78,15 +78,12 @@ def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column:
     loaded = load_batch({"path": batch["path"]}, size, parquet_column)
     # A file that vanished or fails to decode since indexing is dropped and reported.
     ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "unlabeled", seed, batch["key"])
-    seeds = None if seeds is None else seeds[ok]
+    seeds = row_seeds(passes, "unlabeled", seed, batch["key"], keep=ok)
     weak = augment_images(loaded["image"][ok], train_transform(size, noise, randaugment=False), seeds=seeds)
-    strong_seeds = None if seeds is None else seeds ^ STRONG_VIEW
-    return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True, seeds=strong_seeds),
+    return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True,
+                                                   seeds=other_view(seeds)),
             "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
 
-
-STRONG_VIEW = np.uint64(0x9E3779B97F4A7C15)  # a strong view's seed: its row's seed XOR this
 
 PASS_BATCHES = 64  # a small stream is repeated until one pass holds this many batches
 VIEW_BATCH = 256  # pool images per view-making task: per-task overhead stays small beside the work

@@ -85,6 +85,16 @@ def copy_tree(source: str, target: Path) -> Path:
     return target
 
 
+def pool_subset(source: str, target: Path, per_class: int) -> Path:
+    """The first `per_class` images of each class folder of `source`, copied to `target`: a
+    smaller pool where the story under test needs no more (every image is trained on per epoch)."""
+    for folder in sorted(p for p in Path(source).iterdir() if p.is_dir()):
+        (target / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy2(image, target / folder.name / image.name)
+    return target
+
+
 def run_smoke_subprocess(env: dict[str, str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
     """`selftrain run pipelines/smoke.yaml` in a fresh process (Ray and MLflow state are per
     process); returns the finished process and its wall time in seconds."""

@@ -5,6 +5,7 @@ Run alone with `python -m pytest -m faults`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -165,3 +166,74 @@ def test_the_same_config_and_seed_give_the_same_pool_index_and_the_same_weights(
         assert trained.history[-1]["unsup/mask_rate"] > 0.5  # the strong views move the weights
     differing = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
     assert not differing, f"two runs with one seed differ in {differing}"
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    """A small filesystem of its own, to fill. Needs root (CI runs as root); elsewhere skipped,
+    saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs to fill needs root; run the fault suite as root (CI does)")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def _fill(disk: Path) -> Path:
+    """Writes zeros to `disk` until the device is full; returns the file that holds them."""
+    filler = disk / "filler"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb", buffering=0) as out:
+        with pytest.raises(OSError) as full:
+            while True:
+                out.write(chunk)
+    assert full.value.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_while_checkpointing_stops_with_a_clear_error_and_the_same_command_resumes(
+        ray_session, digits, tmp_path, capsys):
+    """The device under output_dir fills up after the teacher's first committed checkpoint: the
+    next checkpoint cannot be written. The command stops with one message naming the directory
+    (exit 2, no traceback), the committed checkpoint stays whole, and once there is room the same
+    command resumes from it and finishes, each epoch once."""
+    from mlflow.tracking import MlflowClient
+
+    from selftrain.cli import main
+
+    from conftest import digits_overrides, experiment_runs, tracking_uri_set
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "32m")
+    try:
+        out, uri, epochs = disk / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", 4
+        args = ["run", str(REPO / "pipelines" / "smoke.yaml"), f"output_dir={out}", "name=smoke-full-disk",
+                "iterations=0", f"train.teacher_epochs={epochs}", "train.steps_per_epoch=30",
+                "train.checkpoint_every=1", *digits_overrides(digits)]
+        storage = out / "ray_train" / "iter0-teacher"
+        result: dict = {}
+        with tracking_uri_set(uri):
+            thread = threading.Thread(target=lambda: result.update(code=main(args)))
+            thread.start()
+            _wait_for(lambda: _latest_checkpoint(storage), 240, "the first committed checkpoint")
+            filler = _fill(disk)
+            thread.join(timeout=300)
+            assert result.get("code") == 2, result
+            err = capsys.readouterr().err
+            assert f"selftrain: error: no space left on the device of {out}" in err, err[-3000:]
+            assert "Traceback" not in err
+            # The last checkpoint committed before the disk filled up is whole: its tensors load.
+            committed = _latest_checkpoint(storage)
+            saved = torch.load(storage / committed / "model.pt", weights_only=True)
+            assert saved and all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
+            filler.unlink()
+            assert main(args) == 0  # the same command, once there is room
+        history = json.loads((out / "iter0" / "model" / "history.json").read_text())
+        assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # each epoch once
+        client = MlflowClient(uri)
+        runs = experiment_runs(client, "smoke-full-disk")
+        assert sorted(r.data.tags["selftrain.role"] for r in runs) == ["pipeline", "teacher"]
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        teacher = next(r for r in runs if r.data.tags["selftrain.role"] == "teacher")
+        assert sorted(m.step for m in client.get_metric_history(teacher.info.run_id, "train/loss")) == list(
+            range(1, epochs + 1))
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)

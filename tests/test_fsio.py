@@ -188,3 +188,28 @@ def test_a_run_started_before_a_config_key_existed_resumes_when_the_key_is_at_it
         Ledger(tmp_path, build_config({"name": "old", "registry": {"model_name": "prod"}}))
     with pytest.raises(ConfigError, match=r"train.max_failures: None -> 2"):
         Ledger(tmp_path, build_config({"name": "old", "train": {"max_failures": 2}}))
+
+
+def test_a_full_disk_is_found_in_a_wrapped_error_or_in_rays_text_and_named_with_the_directory(tmp_path):
+    import errno
+
+    from selftrain.errors import StorageError, full_disk_named, no_space_left
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        except OSError as exc:
+            raise RuntimeError("checkpoint upload failed") from exc
+    except RuntimeError as wrapped:
+        assert no_space_left(wrapped)
+    # What Ray Train's controller raises on the driver: the worker's error as text only.
+    assert no_space_left(RuntimeError("Training failed due to controller error:\n[Errno 28] Error writing bytes "
+                                      "to file. Detail: [errno 28] No space left on device"))
+    assert not no_space_left(OSError(errno.EACCES, "Permission denied"))
+    with pytest.raises(StorageError, match=f"no space left on the device of {tmp_path} \\(.* MiB free\\)"):
+        with full_disk_named(str(tmp_path)):
+            raise full
+    with pytest.raises(PermissionError):  # any other error passes through as itself
+        with full_disk_named(str(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied")

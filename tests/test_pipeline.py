@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
@@ -32,18 +36,36 @@ SMOKE = str(REPO / "pipelines" / "smoke.yaml")
 
 @pytest.fixture(scope="module")
 def smoke(ray_session, digits, tmp_path_factory):
-    """Run smoke.yaml once over folders whose pool holds three corrupt files."""
+    """smoke.yaml over folders whose pool holds three corrupt files. Its first driver is SIGKILLed
+    (no handler runs, as with the OOM killer) while it scores the pool; the same command again
+    finishes the run. Every test below checks that resumed run."""
     root = tmp_path_factory.mktemp("smoke")
     pool = copy_tree(digits.unlabeled, root / "pool")
     bad = write_corrupt_files(pool / "4")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = [SMOKE, f"output_dir={root / 'run'}", *digits_overrides(digits, pool)]
+    # The first driver joins this session's Ray, so killing it leaves the cluster running, as a
+    # crashed `ray job` driver would.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "selftrain.cli", "run", *args], env=env, cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in first.stdout:  # until the teacher is done and the pool pass has begun
+            seen.append(line)
+            if "scores the pool" in line:
+                break
+    finally:
+        first.send_signal(signal.SIGKILL)
+        seen.append(first.communicate(timeout=60)[0])
     console = io.StringIO()  # what a user sees, not a terminal (a Ray job's log, CI)
     with tracking_uri_set(uri):
         with contextlib.redirect_stdout(console):
             code = main(["run", *args])
         yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
-               "summary_path": root / "run" / "summary.json", "console": console.getvalue()}
+               "summary_path": root / "run" / "summary.json", "console": console.getvalue(),
+               "killed_console": "".join(seen), "killed_code": first.returncode}
 
 
 def _summary(smoke):
@@ -211,12 +233,25 @@ def test_mlflow_holds_one_parent_and_one_child_per_model(smoke):
     assert "plots/accuracy_per_iteration.png" in {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
 
 
+def test_a_driver_killed_while_scoring_resumes_with_one_mlflow_run_per_stage(smoke):
+    killed = smoke["killed_console"]
+    assert smoke["killed_code"] == -signal.SIGKILL and "[iteration 1] teacher cnn_tiny scores the pool" in killed
+    assert "summary: " not in killed  # it died mid-run
+    console = smoke["console"]  # the same command again: the teacher is done, the pool pass is redone
+    assert smoke["code"] == 0 and "resuming" in console
+    assert "training teacher" not in console and "scores the pool" in console
+    runs = _runs(smoke)
+    assert sorted(r.data.tags["selftrain.role"] for r in runs) == ["pipeline", "student", "teacher"]
+    assert {r.info.status for r in runs} == {"FINISHED"}  # the dead driver's RUNNING runs were re-opened
+
+
 def test_console_shows_progress_and_the_table_and_sends_ray_output_to_the_log(smoke):
     lines = smoke["console"].splitlines()
     assert len(lines) < 60, smoke["console"]
     text = smoke["console"]
-    # Progress of each long stage, as lines (not a terminal): the teacher's last epoch, the scoring pass.
-    assert "[iteration 0] teacher cnn_tiny: epoch 15/15  loss" in text
+    # Progress of each long stage, as lines (not a terminal): the teacher's last epoch (shown by
+    # the first driver), the scoring pass and the student's (by the one that resumed).
+    assert "[iteration 0] teacher cnn_tiny: epoch 15/15  loss" in smoke["killed_console"]
     assert "[iteration 1] student cnn_tiny: epoch 1/1  loss" in text
     scored = [line for line in lines if "[iteration 1] scoring the pool: " in line]
     assert scored and "1,300 images" in scored[-1] and "3 unreadable" in scored[-1]  # 1,297 good + 3 corrupt
@@ -226,9 +261,9 @@ def test_console_shows_progress_and_the_table_and_sends_ray_output_to_the_log(sm
     assert "iteration    role    model" in text and "summary: " in text
     # Ray's own output (execution plans, training reports) is in the run's log file, not here.
     assert "Execution plan" not in text and "Reporting training result" not in text
-    logs = list((smoke["root"] / "run" / "logs").glob("run-*.log"))
-    assert len(logs) == 1 and f"log: {logs[0]}" in text
-    assert "Execution plan" in logs[0].read_text()
+    logs = sorted((smoke["root"] / "run" / "logs").glob("run-*.log"))  # one per command
+    assert len(logs) == 2 and f"log: {logs[-1]}" in text and f"log: {logs[0]}" in smoke["killed_console"]
+    assert "Execution plan" in logs[-1].read_text()
 
 
 def test_registered_final_model_loads_as_pyfunc_and_gives_the_final_models_logits(smoke, digits):

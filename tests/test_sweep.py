@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from selftrain.cli import main
 from selftrain.config import load_config
 
-from conftest import REPO, digits_overrides, experiment_runs, external_references, page_data, tracking_uri_set
+from conftest import (REPO, digits_overrides, experiment_runs, external_references, page_data, pool_subset,
+                      tracking_uri_set)
 
 SWEEP = str(REPO / "pipelines" / "sweep_smoke.yaml")
 
@@ -47,7 +48,9 @@ def _wait_for_a_training_trial(process: subprocess.Popen, out, client: MlflowCli
 def swept(ray_session, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     out, uri = root / "sweep", f"sqlite:///{root / 'mlflow.db'}"
-    args = [SWEEP, f"output_dir={out}", *digits_overrides(digits)]
+    # 500 of the pool's 1,297 images: each trial's students train on every pseudo-label per epoch.
+    pool = pool_subset(digits.unlabeled, root / "pool", per_class=50)
+    args = [SWEEP, f"output_dir={out}", *digits_overrides(digits, pool)]
     client = MlflowClient(uri)
     # The first driver joins this session's Ray, so killing it leaves the cluster running, as a
     # crashed `ray job` driver would.

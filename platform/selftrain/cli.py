@@ -12,7 +12,7 @@ from typing import Any
 
 from selftrain import __version__
 from selftrain.console import LOGGER
-from selftrain.errors import SIGTERM_RECEIVED, SelftrainError, Terminated, raise_terminated
+from selftrain.errors import SIGTERM_RECEIVED, SelftrainError, Terminated, full_disk_named, raise_terminated
 from selftrain.fsio import OutputLock
 from selftrain.masking import redact
 
@@ -49,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.pipeline, args.overrides)
     _check_tracking(args)  # a dead MLflow server fails here, a dead RAY_ADDRESS in init_ray: seconds
     # A busy output_dir is refused before Ray starts.
-    with OutputLock(cfg.output_dir, "run"), _console(args, cfg.output_dir, "run") as shown:
+    with OutputLock(cfg.output_dir, "run"), full_disk_named(cfg.output_dir), \
+            _console(args, cfg.output_dir, "run") as shown:
         shown.start_ray(args.num_cpus)
         from selftrain.self_training import run_pipeline, summary_table  # heavy: torch, Ray Data
 
@@ -65,7 +66,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     cfg, sweep = load_sweep(args.sweep, args.overrides)
     _check_tracking(args)
-    with OutputLock(cfg.output_dir, "sweep"), _console(args, cfg.output_dir, "sweep") as shown:
+    with OutputLock(cfg.output_dir, "sweep"), full_disk_named(cfg.output_dir), \
+            _console(args, cfg.output_dir, "sweep") as shown:
         shown.start_ray(args.num_cpus)
         summary = run_sweep(cfg, sweep, resume=args.resume)
     print(sweep_table(summary))
@@ -123,7 +125,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     cfg = ScoringConfig(batch_size=args.batch_size, max_rejected_fraction=args.max_rejected_fraction)
     out = Path(args.out).resolve()
-    with _console(args, out.parent, "predict") as shown:
+    with full_disk_named(str(out.parent)), _console(args, out.parent, "predict") as shown:
         shown.start_ray(args.num_cpus)
         from selftrain.stages.predict import predict  # heavy: torch, Ray Data
 
@@ -142,7 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
     _check_tracking(args)
     out = Path(args.out or os.path.join(cfg.output_dir, "eval")).expanduser().resolve()
-    with OutputLock(out, "eval"), _console(args, out, "eval") as shown:
+    with OutputLock(out, "eval"), full_disk_named(str(out)), _console(args, out, "eval") as shown:
         shown.start_ray(args.num_cpus)
         from selftrain.stages.predict import resolve_model  # heavy: torch, Ray Data
         from selftrain.stages.protocols import evaluate_backbone
@@ -179,7 +181,8 @@ def _protocol(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--labels-per-class {args.labels_per_class!r}: give counts like 1,4,25") from None
     _check_tracking(args)
-    with OutputLock(cfg.output_dir, "protocol"), _console(args, cfg.output_dir, "protocol") as shown:
+    with OutputLock(cfg.output_dir, "protocol"), full_disk_named(cfg.output_dir), \
+            _console(args, cfg.output_dir, "protocol") as shown:
         shown.start_ray(args.num_cpus)
         from selftrain.protocol import run_protocol  # heavy: torch, Ray Data
 

@@ -11,6 +11,7 @@ every `LINE_EVERY_S` seconds elsewhere (Ray job logs, CI)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -345,7 +346,7 @@ def console(mode: str = "normal", log_dir: str | Path | None = None, command: st
     if mode != "verbose" and log_dir is not None:
         log_path = Path(log_dir) / LOG_DIR / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        log_file = LogFile(log_path)
         # What Ray's log thread and `warnings` print goes to sys.stdout/stderr as they are then.
         sys.stdout = sys.stderr = log_file
         if err is sys.__stderr__ and _fileno(err) == 2:  # a real process: Ray's C++ core logs to fd 2
@@ -367,11 +368,11 @@ def console(mode: str = "normal", log_dir: str | Path | None = None, command: st
 
             ray.shutdown()
         for routed, original in reversed(state._rerouted):
-            routed.setStream(original)
+            _point_at(routed, original)
         if log_file is not None:  # handlers made while sys.stderr was the log file (a late import)
             for late in _stream_handlers():
                 if late.stream is log_file:
-                    late.setStream(err)
+                    _point_at(late, err)
         logging.captureWarnings(False)
         if saved_fd is not None:
             os.dup2(saved_fd, 2)
@@ -382,6 +383,62 @@ def console(mode: str = "normal", log_dir: str | Path | None = None, command: st
         LOGGER.removeHandler(handler)
         LOGGER.setLevel(previous_level)
         LOGGER.propagate = True
+
+
+class LogFile(io.TextIOBase):
+    """The command's log file, written best effort. Ray's log thread, `warnings` and the
+    libraries' handlers all write here; on a full disk their lines are lost, not the run (an
+    OSError in Ray's log thread or in a logging handler would end the one or fail the other)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        self.failed_writes = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return self._file.write(text)
+        except OSError:
+            self.failed_writes += 1
+            return len(text)
+
+    def flush(self) -> None:
+        if self._file.closed:
+            return
+        try:
+            self._file.flush()
+        except OSError:
+            self.failed_writes += 1
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return self._file.encoding
+
+    @property
+    def buffer(self) -> io.BufferedIOBase:
+        return self._file.buffer
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the last buffered lines, on a full disk
+            self._file.close()
+        super().close()
+
+
+def _point_at(handler: logging.StreamHandler, stream: TextIO) -> None:
+    """`handler.setStream(stream)`, which flushes the log file first: on a full disk that flush
+    fails, and must not replace the error on its way out."""
+    try:
+        handler.setStream(stream)
+    except OSError:
+        handler.stream = stream
 
 
 def _fileno(stream: TextIO) -> int | None:

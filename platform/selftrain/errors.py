@@ -3,7 +3,9 @@
 The CLI prints these as one clear message without a traceback; anything else is a bug.
 """
 
+import errno
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +41,10 @@ class TrackingError(SelftrainError):
 
 class SweepError(SelftrainError):
     """A sweep could not produce a result (every trial failed)."""
+
+
+class StorageError(SelftrainError):
+    """The disk under `output_dir` is full."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -80,3 +86,41 @@ def raised_in_tasks() -> Iterator[None]:
         if error is None:
             raise
         raise error from None
+
+
+def no_space_left(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it wraps, is ENOSPC. Ray passes a worker's or its controller's
+    error on as text (`[Errno 28] ... No space left on device`), hence the message too."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@contextmanager
+def full_disk_named(directory: str) -> Iterator[None]:
+    """Around a command that writes under `directory`: a full disk (a checkpoint, a Parquet shard,
+    state.json) stops it with one message naming the directory, not a traceback. What was
+    finished is on disk (checkpoints and state.json are replaced whole, never rewritten in place),
+    so the same command resumes once there is room."""
+    try:
+        yield
+    except SelftrainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised unless the disk is full
+        if not no_space_left(exc):
+            raise
+        try:
+            free = f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise StorageError(
+            f"no space left on the device of {directory} ({free}): free space there or set output_dir "
+            "elsewhere, then run the same command again: it resumes from the last finished stage, "
+            "a model in training from its last checkpoint") from exc

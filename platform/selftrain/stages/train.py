@@ -155,11 +155,14 @@ def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.Data
     if method.online and (not pool_index or not pool_index["rows"]):
         raise TrainingError(f"method {method.method!r} learns from the unlabeled pool, but the pool has no readable image")
     failed, passes = failed_images_actor(), stream_passes_actor()
+    # Epochs of fixed steps (or an online method's, paced by the pool) cycle the supervised
+    # stream: a small one is repeated so each pass holds many batches. Epochs of one pass each
+    # read the rows once.
+    repeats = _repeats(rows, cfg.train.batch_size) if method.online or cfg.train.steps_per_epoch else 1
     if not method.online:
-        return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo),
-                                        failed_images=failed, passes=passes), rows,
+        return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
+                                        failed_images=failed, passes=passes), rows * repeats,
                        failed_images=failed, passes=passes)
-    repeats = _repeats(rows, cfg.train.batch_size)
     return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
                                     failed_images=failed, passes=passes),
                    rows * repeats, split_train=bool(pseudo),

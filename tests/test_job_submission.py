@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,9 +68,10 @@ def head_node():
     finally:
         head.terminate()  # --block: the head takes its Ray processes down with it
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # still stopping the job's workers: this head's own group, killed
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -120,7 +120,10 @@ def keyed_repeats(rows: ray.data.Dataset, repeats: int, cpus: float) -> ray.data
         return rows.map_batches(_keyed, fn_kwargs={"repeat": 0}, num_cpus=cpus)
     once = rows.materialize()
     copies = [once.map_batches(_keyed, fn_kwargs={"repeat": k}, num_cpus=cpus) for k in range(repeats)]
-    return copies[0].union(*copies[1:]).materialize()
+    # The union that runs must keep the order itself (a materialized dataset does not carry its
+    # source's `preserve_order`): otherwise the copies come in the order their tasks finish, the
+    # same rows in the same places but with other repeat numbers in their keys, hence other seeds.
+    return ordered(copies[0].union(*copies[1:])).materialize()
 
 
 def ordered(dataset: ray.data.Dataset) -> ray.data.Dataset:
@@ -245,6 +248,16 @@ def _training_error(exc: TrainingFailedError) -> TrainingError | None:
     return None
 
 
+def _ingest_in_order() -> ray.data.ExecutionOptions:
+    """Ray Train's ingest options with the rows kept in order. Ray Train replaces each dataset's
+    execution options with its defaults, which take `preserve_order` from the driver's global
+    DataContext (off), not from the dataset: the pool's views then reached the loop in the
+    order their tasks finished, the same rows with other repeats' augmentations."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def train_model(
     cfg: PipelineConfig, name: str, arch: str, streams: Streams,
     spec: dict[str, Any], student: bool, out_dir: Path, seed: int,
@@ -302,7 +315,8 @@ def fit(cfg: PipelineConfig, name: str, loop_config: dict[str, Any], streams: St
                              failure_config=FailureConfig(max_failures=default_max_failures(cfg.train.max_failures)),
                              callbacks=callbacks or []),
         datasets={"train": streams.train, **({"unlabeled": streams.unlabeled} if streams.unlabeled else {})},
-        dataset_config=DataConfig(datasets_to_split=["unlabeled", *(["train"] if streams.split_train else [])]),
+        dataset_config=DataConfig(datasets_to_split=["unlabeled", *(["train"] if streams.split_train else [])],
+                                  execution_options=_ingest_in_order()),
     )
     try:
         result = trainer.fit()

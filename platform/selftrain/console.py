@@ -392,13 +392,11 @@ class LogFile(io.TextIOBase):
 
     def __init__(self, path: Path):
         self._file = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
-        self.failed_writes = 0
 
     def write(self, text: str) -> int:
         try:
             return self._file.write(text)
         except OSError:
-            self.failed_writes += 1
             return len(text)
 
     def flush(self) -> None:
@@ -407,7 +405,7 @@ class LogFile(io.TextIOBase):
         try:
             self._file.flush()
         except OSError:
-            self.failed_writes += 1
+            pass
 
     def fileno(self) -> int:
         return self._file.fileno()

@@ -23,7 +23,7 @@ from selftrain.data.decode import load_batch
 from selftrain.errors import TrainingError
 from selftrain.stages.failed_images import failed_images_actor, report_failed
 from selftrain.stages.passes import other_view, row_seeds, stream_passes_actor
-from selftrain.stages.train import VIEW_BATCH, Streams, TrainedModel, _repeats, fit, image_list, keyed_repeats, ordered
+from selftrain.stages.train import VIEW_BATCH, Streams, TrainedModel, _repeats, fit, image_list, keyed_repeats
 
 
 def _pretrain_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop_scale_min: float,
@@ -46,11 +46,11 @@ def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_image
     cpus, pretrain = cfg.train.data_cpus_per_task, cfg.pretrain
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     paths = keyed_repeats(readable.select_columns(["path"]), _repeats(pool_index["rows"], pretrain.batch_size), cpus)
-    return ordered(paths.map_batches(_pretrain_views, fn_kwargs={
+    return paths.map_batches(_pretrain_views, fn_kwargs={
         "size": cfg.data.image_size, "noise": cfg.noise, "crop_scale_min": pretrain.crop_scale_min,
         "color_jitter": pretrain.color_jitter, "parquet_column": cfg.data.parquet_image_column,
         "failed_images": failed_images, "passes": passes, "seed": cfg.seed,
-    }, batch_size=VIEW_BATCH, num_cpus=cpus))
+    }, batch_size=VIEW_BATCH, num_cpus=cpus)
 
 
 def knn_monitor(cfg: PipelineConfig, labeled: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:

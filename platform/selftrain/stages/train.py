@@ -128,7 +128,8 @@ def keyed_repeats(rows: ray.data.Dataset, repeats: int, cpus: float) -> ray.data
 
 def ordered(dataset: ray.data.Dataset) -> ray.data.Dataset:
     """Rows in the same order on every run (Ray Data otherwise passes on whichever task ends
-    first): with seeded augmentation, the same batches."""
+    first), for a dataset executed here (materialised). The training streams are executed by Ray
+    Train, which applies its own ingest options instead: `_ingest_in_order`."""
     dataset.context.execution_options.preserve_order = True
     return dataset
 
@@ -142,11 +143,10 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus)
-    return ordered(index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
-                                                         "parquet_column": cfg.data.parquet_image_column,
-                                                         "failed_images": failed_images, "passes": passes,
-                                                         "seed": cfg.seed},
-                                      batch_size=VIEW_BATCH, num_cpus=cpus))
+    return index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
+                                                 "parquet_column": cfg.data.parquet_image_column,
+                                                 "failed_images": failed_images, "passes": passes, "seed": cfg.seed},
+                             batch_size=VIEW_BATCH, num_cpus=cpus)
 
 
 def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.DataFrame, num_classes: int,
@@ -162,13 +162,11 @@ def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.Data
     # stream: a small one is repeated so each pass holds many batches. Epochs of one pass each
     # read the rows once.
     repeats = _repeats(rows, cfg.train.batch_size) if method.online or cfg.train.steps_per_epoch else 1
+    train = training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
+                             failed_images=failed, passes=passes)
     if not method.online:
-        return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
-                                        failed_images=failed, passes=passes), rows * repeats,
-                       failed_images=failed, passes=passes)
-    return Streams(training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
-                                    failed_images=failed, passes=passes),
-                   rows * repeats, split_train=bool(pseudo),
+        return Streams(train, rows * repeats, failed_images=failed, passes=passes)
+    return Streams(train, rows * repeats, split_train=bool(pseudo),
                    unlabeled=unlabeled_views(cfg, method, pool_index, failed, passes), pool_rows=pool_index["rows"],
                    failed_images=failed, passes=passes)
 
@@ -192,7 +190,7 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
         pseudo = ray.data.read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
         dataset = dataset.union(keyed_repeats(pseudo, repeats, cpus).map_batches(
             _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
-    return ordered(dataset.randomize_block_order(seed=cfg.seed))
+    return dataset.randomize_block_order(seed=cfg.seed)
 
 
 def image_list(images: pd.DataFrame, cfg: PipelineConfig) -> dict[str, Any]:

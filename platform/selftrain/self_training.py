@@ -46,7 +46,8 @@ from selftrain.stages.publish import (log_trained_model, pipeline_datasets, pret
                                       stage_datasets)
 from selftrain.stages.score import score_pool
 from selftrain.stages.pool_index import index_pool
-from selftrain.stages.train import MlflowEpochs, train_model, training_streams
+from selftrain.stages.rows import MlflowEpochs
+from selftrain.stages.train import train_model, training_streams
 from selftrain.masking import redact, redact_tree
 from selftrain.tracking import Tracker
 from selftrain.training.loop import SPEC_FILE

@@ -33,7 +33,8 @@ from selftrain.self_training import fresh_dir, teacher_init_dir
 from selftrain.stages.pretrain import pretrain_model
 from selftrain.stages.pseudo_label import select_pseudo_labels, stats_metrics
 from selftrain.stages.score import score_pool
-from selftrain.stages.train import MlflowEpochs, train_model, training_streams
+from selftrain.stages.rows import MlflowEpochs
+from selftrain.stages.train import train_model, training_streams
 from selftrain.tracking import Tracker
 
 TRIAL_TAG = "selftrain.trial_id"

@@ -2,7 +2,7 @@
 
 Like with like: the same method (SimCLR by default: NT-Xent, projection head), architecture,
 optimizer and LR schedule, batch size, device, AMP rule and thread count, over the same two
-views per image (uint8 NCHW, as `stages.pretrain._pretrain_views` emits them) held in memory:
+views per image (uint8 NCHW, as `stages.rows.contrastive_views` emits them) held in memory:
 in this process for the bare loop, materialised in Ray's object store for Ray Train, which
 streams them into the worker through `get_dataset_shard`. View-making (random resized crops,
 colour jitter) runs in Ray CPU tasks beside training in a real run and is left out of both

@@ -17,27 +17,12 @@ import pandas as pd
 import ray.data
 from ray.data.expressions import col
 
-from selftrain.config import NoiseConfig, PipelineConfig
-from selftrain.data.augment import augment_images, contrastive_transform
-from selftrain.data.decode import load_batch
+from selftrain.config import PipelineConfig
 from selftrain.errors import TrainingError
-from selftrain.stages.failed_images import failed_images_actor, report_failed
-from selftrain.stages.passes import other_view, row_seeds, stream_passes_actor
+from selftrain.stages.failed_images import failed_images_actor
+from selftrain.stages.passes import stream_passes_actor
+from selftrain.stages.rows import contrastive_views
 from selftrain.stages.train import VIEW_BATCH, Streams, TrainedModel, _repeats, fit, image_list, keyed_repeats
-
-
-def _pretrain_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop_scale_min: float,
-                    color_jitter: float, parquet_column: str, failed_images: Any = None,
-                    passes: Any = None, seed: int = 0) -> dict[str, Any]:
-    """`{path, key, ...}` of pool images -> two independently augmented views of each (uint8
-    NCHW), each from a seed of its own (`stages/passes.py`)."""
-    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    # A file that vanished or broke since indexing is dropped and reported.
-    ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "train", seed, batch["key"], keep=ok)
-    transform = contrastive_transform(size, noise, crop_scale_min, color_jitter)
-    return {"view0": augment_images(loaded["image"][ok], transform, seeds=seeds),
-            "view1": augment_images(loaded["image"][ok], transform, seeds=other_view(seeds))}
 
 
 def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_images: Any = None,
@@ -46,7 +31,7 @@ def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_image
     cpus, pretrain = cfg.train.data_cpus_per_task, cfg.pretrain
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     paths = keyed_repeats(readable.select_columns(["path"]), _repeats(pool_index["rows"], pretrain.batch_size), cpus)
-    return paths.map_batches(_pretrain_views, fn_kwargs={
+    return paths.map_batches(contrastive_views, fn_kwargs={
         "size": cfg.data.image_size, "noise": cfg.noise, "crop_scale_min": pretrain.crop_scale_min,
         "color_jitter": pretrain.color_jitter, "parquet_column": cfg.data.parquet_image_column,
         "failed_images": failed_images, "passes": passes, "seed": cfg.seed,

@@ -19,16 +19,15 @@ import numpy as np
 import pandas as pd
 import ray.data
 from ray.data.expressions import col
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from selftrain.config import MethodConfig, NoiseConfig, PipelineConfig
-from selftrain.console import post, progress_board
-from selftrain.data.augment import augment_images, strong_transform, train_transform
-from selftrain.data.decode import load_batch
+from selftrain.config import MethodConfig, PipelineConfig
+from selftrain.console import progress_board
 from selftrain.errors import TrainingError
-from selftrain.stages.failed_images import failed_images_actor, failed_images_report, report_failed
-from selftrain.stages.passes import other_view, row_seeds, stream_passes_actor
+from selftrain.stages.failed_images import failed_images_actor, failed_images_report
+from selftrain.stages.passes import stream_passes_actor
+from selftrain.stages.rows import ProgressEpochs, keyed, pool_views, prepare_rows
 from selftrain.stages.score import wants_gpu
 from selftrain.training.loop import HISTORY_FILE, MODEL_FILE, SPEC_FILE, train_loop_per_worker
 
@@ -57,34 +56,6 @@ class Streams:
     passes: Any = None  # the `StreamPasses` actor that seeds the streams' augmentation
 
 
-def _prepare(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: bool,
-             target_column: str, parquet_column: str, failed_images: Any = None,
-             passes: Any = None, seed: int = 0) -> dict[str, Any]:
-    """`{path, key, <target_column>}` -> `{image: uint8 NCHW augmented, target: float32 N x C}`;
-    each row augmented from its own seed (`stages/passes.py`)."""
-    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    # Validated earlier; a file that vanished or broke since is dropped and reported.
-    ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "train", seed, batch["key"], keep=ok)
-    transform = train_transform(size, noise, randaugment)
-    return {"image": augment_images(loaded["image"][ok], transform, seeds=seeds),
-            "target": np.stack(list(batch[target_column]))[ok].astype(np.float32)}
-
-
-def _views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_column: str,
-           failed_images: Any = None, passes: Any = None, seed: int = 0) -> dict[str, Any]:
-    """`{path, key, index, label}` of pool images -> a weak and a strong view of each (uint8
-    NCHW), each from a seed of its own (`stages/passes.py`)."""
-    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    # A file that vanished or fails to decode since indexing is dropped and reported.
-    ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "unlabeled", seed, batch["key"], keep=ok)
-    weak = augment_images(loaded["image"][ok], train_transform(size, noise, randaugment=False), seeds=seeds)
-    return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True,
-                                                   seeds=other_view(seeds)),
-            "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
-
-
 PASS_BATCHES = 64  # a small stream is repeated until one pass holds this many batches
 VIEW_BATCH = 256  # pool images per view-making task: per-task overhead stays small beside the work
 
@@ -106,20 +77,14 @@ def _repeated(rows: ray.data.Dataset, repeats: int) -> ray.data.Dataset:
     return once.union(*[once] * (repeats - 1))
 
 
-def _keyed(batch: dict[str, Any], repeat: int) -> dict[str, Any]:
-    """A row's key, which seeds its augmentation: its path and which repeat of it this is."""
-    batch["key"] = np.array([f"{path}|{repeat}" for path in batch["path"]], dtype=object)
-    return batch
-
-
 def keyed_repeats(rows: ray.data.Dataset, repeats: int, cpus: float) -> ray.data.Dataset:
     """`_repeated`, each row with its `key` (path and repeat): ids only, materialised once when
     repeated, so every pass reads the same blocks in the same order."""
     rows = ordered(rows)  # before materialising: its blocks in order too
     if repeats == 1:
-        return rows.map_batches(_keyed, fn_kwargs={"repeat": 0}, num_cpus=cpus)
+        return rows.map_batches(keyed, fn_kwargs={"repeat": 0}, num_cpus=cpus)
     once = rows.materialize()
-    copies = [once.map_batches(_keyed, fn_kwargs={"repeat": k}, num_cpus=cpus) for k in range(repeats)]
+    copies = [once.map_batches(keyed, fn_kwargs={"repeat": k}, num_cpus=cpus) for k in range(repeats)]
     # The union that runs must keep the order itself (a materialized dataset does not carry its
     # source's `preserve_order`): otherwise the copies come in the order their tasks finish, the
     # same rows in the same places but with other repeat numbers in their keys, hence other seeds.
@@ -143,7 +108,7 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus)
-    return index.map_batches(_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
+    return index.map_batches(pool_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
                                                  "parquet_column": cfg.data.parquet_image_column,
                                                  "failed_images": failed_images, "passes": passes, "seed": cfg.seed},
                              batch_size=VIEW_BATCH, num_cpus=cpus)
@@ -184,12 +149,12 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
     one_hot = np.eye(num_classes, dtype=np.float32)[labeled["label"].to_numpy()]
     keys = [f"{path}|{row}" for row, path in enumerate(labeled["path"])]  # seeds each row's augmentation
     labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "key": keys, "target": list(one_hot)}))
-    dataset = labeled_rows.map_batches(_prepare, fn_kwargs={**prepare, "target_column": "target"},
+    dataset = labeled_rows.map_batches(prepare_rows, fn_kwargs={**prepare, "target_column": "target"},
                                        batch_size=64, num_cpus=cpus)
     if pseudo_dir:
         pseudo = ray.data.read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
         dataset = dataset.union(keyed_repeats(pseudo, repeats, cpus).map_batches(
-            _prepare, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
+            prepare_rows, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
     return dataset.randomize_block_order(seed=cfg.seed)
 
 
@@ -197,36 +162,6 @@ def image_list(images: pd.DataFrame, cfg: PipelineConfig) -> dict[str, Any]:
     """A few labeled images (`path`, `label`) as the loop decodes them itself, once per worker."""
     return {"paths": images["path"].tolist(), "labels": images["label"].tolist(),
             "parquet_column": cfg.data.parquet_image_column}
-
-
-class MlflowEpochs(UserCallback):
-    """Logs each epoch's report to an MLflow run as it happens (runs in the Ray Train
-    controller), so a trial that Tune stops early keeps the epochs it trained."""
-
-    def __init__(self, tracking_uri: str, experiment: str, run_id: str, step_offset: int = 0):
-        self.tracking_uri, self.experiment, self.run_id, self.step_offset = tracking_uri, experiment, run_id, step_offset
-        self._tracker = None
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        from selftrain.tracking import Tracker
-
-        if self._tracker is None:
-            self._tracker = Tracker(self.experiment, self.tracking_uri)
-        epoch_metrics = dict(metrics[0])
-        step = self.step_offset + int(epoch_metrics.pop("epoch"))
-        self._tracker.log_metrics(self.run_id, epoch_metrics, step=step)
-
-
-class ProgressEpochs(UserCallback):
-    """Posts each epoch's report to the CLI's progress board (runs in the Ray Train controller)."""
-
-    def __init__(self, board: Any, task: str, epochs: int):
-        self.board, self.task, self.epochs = board, task, epochs
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        fields = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}
-        post(self.board, {"task": self.task, "unit": "epoch", "total": self.epochs,
-                          "done": int(fields.get("epoch", 0)), "fields": fields})
 
 
 def default_max_failures(configured: int | None) -> int:

@@ -43,3 +43,16 @@ def test_row_seeds_follow_the_pass_the_loop_started(ray_session):
     assert row_seeds(passes, "train", 7, ["a|0"]).tolist() == [seed_of(7, "train", 4, "a|0")]
     assert row_seeds(None, "train", 7, ["a|0"]) is None
     ray.kill(passes)
+
+
+def test_what_ray_trains_helpers_unpickle_imports_no_torch():
+    """Ray Train's controller, DatasetManager and SplitCoordinator import the module of every
+    function in the training streams and every callback (cloudpickle pickles them by reference);
+    torch and torchvision there cost each of them seconds per fit (`stages/rows.py`)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, selftrain.stages.rows; "
+             "print(sorted(m for m in ('torch', 'torchvision', 'selftrain.training.loop') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

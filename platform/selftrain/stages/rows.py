@@ -21,6 +21,15 @@ from selftrain.stages.failed_images import report_failed
 from selftrain.stages.passes import other_view, row_seeds
 
 
+def _decoded(batch: dict[str, Any], size: int, parquet_column: str, failed_images: Any, passes: Any,
+             stream: str, seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The batch's images decoded, the mask of those that decoded, and their seeds. A file that
+    vanished or broke since it was validated (or indexed) is dropped and reported."""
+    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
+    ok = report_failed(failed_images, batch["path"], loaded["error"])
+    return loaded["image"][ok], ok, row_seeds(passes, stream, seed, batch["key"], keep=ok)
+
+
 def prepare_rows(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugment: bool,
                  target_column: str, parquet_column: str, failed_images: Any = None,
                  passes: Any = None, seed: int = 0) -> dict[str, Any]:
@@ -28,12 +37,8 @@ def prepare_rows(batch: dict[str, Any], size: int, noise: NoiseConfig, randaugme
     each row augmented from its own seed (`stages/passes.py`)."""
     from selftrain.data.augment import augment_images, train_transform
 
-    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    # Validated earlier; a file that vanished or broke since is dropped and reported.
-    ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "train", seed, batch["key"], keep=ok)
-    transform = train_transform(size, noise, randaugment)
-    return {"image": augment_images(loaded["image"][ok], transform, seeds=seeds),
+    images, ok, seeds = _decoded(batch, size, parquet_column, failed_images, passes, "train", seed)
+    return {"image": augment_images(images, train_transform(size, noise, randaugment), seeds=seeds),
             "target": np.stack(list(batch[target_column]))[ok].astype(np.float32)}
 
 
@@ -43,11 +48,8 @@ def pool_views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_col
     NCHW), each from a seed of its own (`stages/passes.py`)."""
     from selftrain.data.augment import augment_images, strong_transform, train_transform
 
-    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    # A file that vanished or fails to decode since indexing is dropped and reported.
-    ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "unlabeled", seed, batch["key"], keep=ok)
-    weak = augment_images(loaded["image"][ok], train_transform(size, noise, randaugment=False), seeds=seeds)
+    images, ok, seeds = _decoded(batch, size, parquet_column, failed_images, passes, "unlabeled", seed)
+    weak = augment_images(images, train_transform(size, noise, randaugment=False), seeds=seeds)
     return {"weak": weak, "strong": augment_images(weak, strong_transform(noise), channels_first=True,
                                                    seeds=other_view(seeds)),
             "index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
@@ -60,13 +62,10 @@ def contrastive_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop
     NCHW), each from a seed of its own (`stages/passes.py`)."""
     from selftrain.data.augment import augment_images, contrastive_transform
 
-    loaded = load_batch({"path": batch["path"]}, size, parquet_column)
-    # A file that vanished or broke since indexing is dropped and reported.
-    ok = report_failed(failed_images, batch["path"], loaded["error"])
-    seeds = row_seeds(passes, "train", seed, batch["key"], keep=ok)
+    images, _, seeds = _decoded(batch, size, parquet_column, failed_images, passes, "train", seed)
     transform = contrastive_transform(size, noise, crop_scale_min, color_jitter)
-    return {"view0": augment_images(loaded["image"][ok], transform, seeds=seeds),
-            "view1": augment_images(loaded["image"][ok], transform, seeds=other_view(seeds))}
+    return {"view0": augment_images(images, transform, seeds=seeds),
+            "view1": augment_images(images, transform, seeds=other_view(seeds))}
 
 
 def keyed(batch: dict[str, Any], repeat: int) -> dict[str, Any]:

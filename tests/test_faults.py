@@ -192,6 +192,24 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
+def _stopped_by_a_full_disk(args: list[str], disk: Path, out: Path, ready, what: str, capsys) -> Path:
+    """`selftrain ARGS` in a thread; once `ready()` (`what`), `disk` is filled up. The command
+    must stop with exit 2 and one line naming `out`, no traceback. Returns the filler file."""
+    from selftrain.cli import main
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(args)))
+    thread.start()
+    _wait_for(ready, 240, what)
+    filler = _fill(disk)
+    thread.join(timeout=300)
+    assert result.get("code") == 2, result
+    err = capsys.readouterr().err
+    assert f"selftrain: error: no space left on the device of {out}" in err, err[-3000:]
+    assert "Traceback" not in err
+    return filler
+
+
 def test_a_full_disk_while_checkpointing_stops_with_a_clear_error_and_the_same_command_resumes(
         ray_session, digits, tmp_path, capsys):
     """The device under output_dir fills up after the teacher's first committed checkpoint: the
@@ -212,17 +230,9 @@ def test_a_full_disk_while_checkpointing_stops_with_a_clear_error_and_the_same_c
                 "iterations=0", f"train.teacher_epochs={epochs}", "train.steps_per_epoch=30",
                 "train.checkpoint_every=1", *digits_overrides(digits)]
         storage = out / "ray_train" / "iter0-teacher"
-        result: dict = {}
         with tracking_uri_set(uri):
-            thread = threading.Thread(target=lambda: result.update(code=main(args)))
-            thread.start()
-            _wait_for(lambda: _latest_checkpoint(storage), 240, "the first committed checkpoint")
-            filler = _fill(disk)
-            thread.join(timeout=300)
-            assert result.get("code") == 2, result
-            err = capsys.readouterr().err
-            assert f"selftrain: error: no space left on the device of {out}" in err, err[-3000:]
-            assert "Traceback" not in err
+            filler = _stopped_by_a_full_disk(args, disk, out, lambda: _latest_checkpoint(storage),
+                                             "the first committed checkpoint", capsys)
             # The last checkpoint committed before the disk filled up is whole: its tensors load.
             committed = _latest_checkpoint(storage)
             saved = torch.load(storage / committed / "model.pt", weights_only=True)
@@ -238,5 +248,44 @@ def test_a_full_disk_while_checkpointing_stops_with_a_clear_error_and_the_same_c
         teacher = next(r for r in runs if r.data.tags["selftrain.role"] == "teacher")
         assert sorted(m.step for m in client.get_metric_history(teacher.info.run_id, "train/loss")) == list(
             range(1, epochs + 1))
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def test_a_full_disk_while_writing_the_pool_scores_stops_with_a_clear_error_and_the_same_command_resumes(
+        ray_session, digits, tmp_path, capsys):
+    """The device under output_dir fills up once the teacher is recorded as done, before the pool
+    pass writes its scores Parquet. The command stops with one message naming the directory (exit
+    2, no traceback), the pass is not recorded as done, and once there is room the same command
+    scores the pool again and finishes, every pool image pseudo-labelled."""
+    from selftrain.cli import main
+
+    from conftest import digits_overrides, tracking_uri_set
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "64m")
+    try:
+        out, uri = disk / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+        args = ["run", str(REPO / "pipelines" / "smoke.yaml"), f"output_dir={out}", "name=smoke-full-scores",
+                "train.teacher_epochs=2", "train.student_epochs=1", *digits_overrides(digits)]
+
+        def records() -> dict:
+            try:
+                return json.loads((out / "state.json").read_text())["records"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                return {}
+
+        with tracking_uri_set(uri):
+            filler = _stopped_by_a_full_disk(args, disk, out, lambda: "iter0/result" in records(),
+                                             "the teacher recorded as done", capsys)
+            assert "iter0/result" in records() and "iter1/scores" not in records()
+            # It failed in the pool pass, writing its Parquet (seen: the first shard begun).
+            assert (out / "iter1" / "scoring" / "scores").is_dir()
+            filler.unlink()
+            assert main(args) == 0  # the same command, once there is room
+        printed = capsys.readouterr().out
+        assert "training teacher" not in printed and "scores the pool" in printed
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rejected_count"] == 0 and summary["iterations"][1]["pseudo_labels_kept"] == 1297
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=False)

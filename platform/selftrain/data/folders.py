@@ -6,6 +6,7 @@ are indexed and decoded once on the driver; the unlabeled pool never is (see `po
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from selftrain.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, local_id, read_file_bytes
+from selftrain.data.listing import SKIPPED, folder_identity, walk_local
 from selftrain.errors import DataError
-
-
-def is_image_file(path: Path) -> bool:
-    """An image by its extension: a file, or a symlink that may lead nowhere (then it is read,
-    fails and is named with the others, rather than left out without a word)."""
-    return (path.is_file() or path.is_symlink()) and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 
 
 def class_names(root: str | Path, role: str) -> list[str]:
@@ -35,21 +31,32 @@ def class_names(root: str | Path, role: str) -> list[str]:
 
 
 def index_class_folders(root: str | Path, classes: list[str], role: str) -> pd.DataFrame:
-    """One row per image file: `path` (absolute; a `local_id`: a name that is not UTF-8 becomes a
-    file URI, which Arrow, Parquet and JSON can hold), `label` (index into `classes`)."""
+    """One row per image file below each class folder: `path` (absolute; a `local_id`: a name
+    that is not UTF-8 becomes a file URI, which Arrow, Parquet and JSON can hold), `label` (index
+    into `classes`), `skip` (why it cannot be read, known before reading it; else "").
+
+    Walked as the pool is (`listing.walk_local`): a symlink to a folder is followed, one back
+    to a folder above it is a loop, and that loop, a folder that cannot be listed and an image
+    name that is a FIFO or device get a row with their reason, so they are named with the
+    unreadable files instead of being left out without a word (as are dangling links, which
+    fail when read)."""
     root = Path(root).expanduser().resolve()
-    rows = [
-        (local_id(str(path)), label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if is_image_file(path)
-    ]
+    rows = []
+    for label, name in enumerate(classes):
+        folder = str(root / name)
+        found = []
+        # A link back to the root or to the class folder is a loop: named, not followed.
+        above = {folder_identity(os.stat(root)): str(root), folder_identity(os.stat(folder)): folder}
+        for path, reason in walk_local(folder, above):
+            if Path(path).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS or os.path.isdir(path):  # or a folder not walked
+                found.append((Path(path), reason if reason.startswith(SKIPPED) else ""))
+        rows += [(local_id(str(path)), label, skip) for path, skip in sorted(found)]
     if not rows:
         raise DataError(
             f"data.{role}: no image files under {root} "
             f"(looked for extensions {', '.join(IMAGE_EXTENSIONS)})"
         )
-    return pd.DataFrame(rows, columns=["path", "label"])
+    return pd.DataFrame(rows, columns=["path", "label", "skip"])
 
 
 def _check(path: str, size: int) -> str:
@@ -65,10 +72,12 @@ def _check(path: str, size: int) -> str:
 def drop_unreadable(index: pd.DataFrame, size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split an index into readable rows and rejected rows (`path`, `reason`)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        reasons = pd.Series(list(pool.map(_check, index["path"], [size] * len(index))))
+        checked = list(pool.map(_check, index["path"], [size] * len(index)))
+    skips = index["skip"] if "skip" in index else pd.Series([""] * len(index))
+    reasons = pd.Series([skip[len(SKIPPED):] if skip else found for skip, found in zip(skips, checked)])
     bad = reasons != ""
     rejected = pd.DataFrame({"path": index["path"][bad.values], "reason": reasons[bad].values})
-    return index[~bad.values].reset_index(drop=True), rejected
+    return index[~bad.values].drop(columns="skip", errors="ignore").reset_index(drop=True), rejected
 
 
 @dataclass(frozen=True)

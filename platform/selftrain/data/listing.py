@@ -145,7 +145,7 @@ def os_path(file_id: str) -> str:
     return os.fsdecode(path) if isinstance(path, bytes) else path
 
 
-def _identity(info: os.stat_result) -> tuple[int, int]:
+def folder_identity(info: os.stat_result) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
@@ -177,7 +177,7 @@ def _local_folder(folder: str) -> tuple[list[tuple[str, tuple[int, int]]], list[
             files.append((entry.path, _broken(entry.path, exc)))
             continue
         if stat.S_ISDIR(info.st_mode):
-            folders.append((entry.path, _identity(info)))
+            folders.append((entry.path, folder_identity(info)))
         elif stat.S_ISREG(info.st_mode):
             files.append((entry.path, ""))
         else:
@@ -192,7 +192,7 @@ def _loop(path: str, identity: tuple[int, int], above: dict[tuple[int, int], str
     return f"{SKIPPED}symlink loop: {path} leads back to {above[identity]}, which is listed already"
 
 
-def _walk_local(folder: str, above: dict[tuple[int, int], str]) -> Iterator[tuple[str, str]]:
+def walk_local(folder: str, above: dict[tuple[int, int], str]) -> Iterator[tuple[str, str]]:
     """(path, reason) of every entry below `folder`, depth-first. `above` maps the (device,
     inode) of each folder on the way down to its path: a symlink back to one of them is named as
     a loop, not followed (the walk ends however the links run); a symlink to any other folder is
@@ -213,14 +213,14 @@ def _walk_local(folder: str, above: dict[tuple[int, int], str]) -> Iterator[tupl
 
 
 def _root_above(location: PoolLocation) -> dict[tuple[int, int], str]:
-    return {_identity(os.stat(location.root)): location.root}
+    return {folder_identity(os.stat(location.root)): location.root}
 
 
 def _walk(location: PoolLocation) -> Iterator[str]:
     """Files below the root, lazily, depth-first: the probe below stops after a bounded count.
-    The local filesystem is walked by `_walk_local`; pyarrow lists one folder at a time."""
+    The local filesystem is walked by `walk_local`; pyarrow lists one folder at a time."""
     if isinstance(location.filesystem, pafs.LocalFileSystem):
-        yield from (path for path, reason in _walk_local(location.root, _root_above(location)) if not reason)
+        yield from (path for path, reason in walk_local(location.root, _root_above(location)) if not reason)
         return
     stack = [location.root]
     while stack:
@@ -294,8 +294,8 @@ def _below(row: dict[str, Any], location: PoolLocation) -> list[tuple[str, str]]
         return [(os_path(p) if local else p, r) for p, r in zip(row["files"], row["reasons"])]
     if local:
         folder = os_path(row["folder"])
-        above = {**_root_above(location), _identity(os.stat(folder)): folder}
-        return list(_walk_local(folder, above))
+        above = {**_root_above(location), folder_identity(os.stat(folder)): folder}
+        return list(walk_local(folder, above))
     selector = pafs.FileSelector(row["folder"], recursive=True)
     return sorted((i.path, "") for i in location.filesystem.get_file_info(selector)
                   if i.type != pafs.FileType.Directory)

@@ -105,6 +105,20 @@ def run_smoke_subprocess(env: dict[str, str], tmp_path: Path) -> tuple[subproces
     return done, time.monotonic() - start
 
 
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
+    """predicate()'s first truthy value, polled every 0.2 s; fails naming `what` after `timeout`
+    seconds, or at once when `process` (whose output is shown) ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended while waiting for {what}:\n{process.stdout.read()[-3000:]}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 @contextmanager
 def tracking_uri_set(uri: str):
     """MLFLOW_TRACKING_URI for a module-scoped fixture (monkeypatch is function-scoped)."""

@@ -24,10 +24,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(root: Path, timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Yields (url, process); the store is `root/mlflow.db`, artifacts go to `root/artifacts`."""
-    port, log = free_port(), root / "mlflow-server.log"
-    with log.open("w") as out:
+def mlflow_server(root: Path, timeout: float = 180, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yields (url, process); the store is `root/mlflow.db`, artifacts go to `root/artifacts`.
+    `port`: the one a server of this store had before (a restart), else a free one."""
+    port, log = port or free_port(), root / "mlflow-server.log"
+    with log.open("a") as out:
         server = subprocess.Popen(
             [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
              "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",

@@ -22,7 +22,7 @@ from selftrain.config import load_config
 from selftrain.data.folders import load_labeled_sets
 from selftrain.stages.train import train_model, training_streams
 
-from conftest import REPO
+from conftest import REPO, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -44,16 +44,6 @@ def _latest_checkpoint(storage: Path) -> str | None:
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
         return None
     return latest["checkpoint_dir_name"] if latest else None
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, digits, tmp_path):
@@ -83,14 +73,14 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray
     storage = out.parent / "ray_train" / "fault"
     # Committed = registered by the controller (in its snapshot), not merely written: a worker
     # killed between the upload and the registration restarts from scratch, as it should.
-    committed = _wait_for(lambda: _latest_checkpoint(storage), 240, "the first committed checkpoint")
+    committed = wait_for(lambda: _latest_checkpoint(storage), 240, "the first committed checkpoint")
     saved = json.loads((storage / committed / "history.json").read_text())  # the epochs it holds
-    victims = _wait_for(_train_worker_pids, 30, "a live RayTrainWorker")
+    victims = wait_for(_train_worker_pids, 30, "a live RayTrainWorker")
     assert len(victims) == 1
     victim = victims.pop()
     os.kill(victim, signal.SIGKILL)
     # A new worker process takes over (had the run ended before the kill, none would come).
-    _wait_for(lambda: _train_worker_pids() - {victim}, 120, "a restarted RayTrainWorker")
+    wait_for(lambda: _train_worker_pids() - {victim}, 120, "a restarted RayTrainWorker")
     thread.join(timeout=300)
 
     assert "error" not in result, f"the run did not survive the kill: {result.get('error')!r}"
@@ -128,7 +118,7 @@ def test_sigterm_during_training_marks_the_runs_killed_and_exits_143(tmp_path):
             if "training teacher" in line:
                 break
         # Inside trainer.fit: the Ray Train run directory exists once the controller started.
-        _wait_for(lambda: list((tmp_path / "run" / "ray_train").glob("*")), 120, "Ray Train to start")
+        wait_for(lambda: list((tmp_path / "run" / "ray_train").glob("*")), 120, "Ray Train to start")
         time.sleep(2)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -200,7 +190,7 @@ def _stopped_by_a_full_disk(args: list[str], disk: Path, out: Path, ready, what:
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(code=main(args)))
     thread.start()
-    _wait_for(ready, 240, what)
+    wait_for(ready, 240, what)
     filler = _fill(disk)
     thread.join(timeout=300)
     assert result.get("code") == 2, result

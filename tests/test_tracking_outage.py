@@ -36,6 +36,20 @@ def test_a_tracker_on_a_dead_server_is_refused_naming_it():
         Tracker("exp", "http://127.0.0.1:1")
 
 
+def test_a_sweep_trials_tracker_starts_on_a_dead_server_and_counts_what_it_cannot_log():
+    """A trial (or its epoch logger) knows its experiment: it runs while the store is down."""
+    start = time.monotonic()
+    tracker = Tracker("exp", "http://127.0.0.1:1", experiment_id="0")
+    run = tracker.start_run("trial-1", parent_id="parent")
+    tracker.log_metrics(run, {"val/accuracy": 0.5}, step=1)
+    tracker.finish(run)
+    outage = tracker.outage()
+    assert run is None and outage["not_logged"] == {"run starts": 1, "metric batches": 1, "run status updates": 1}
+    assert outage["message"] == ("MLflow at http://127.0.0.1:1 stopped answering; not logged: 1 run starts, "
+                                 "1 metric batches, 1 run status updates")
+    assert time.monotonic() - start < 30  # asked once: the later calls come within RETRY_AFTER_S
+
+
 def test_a_dead_server_at_the_start_fails_in_seconds_naming_it(tmp_path):
     env = {"MLFLOW_TRACKING_URI": "http://user:hunter2@127.0.0.1:1", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO / "platform"), "HOME": str(tmp_path)}

@@ -305,7 +305,7 @@ def pretrain_stage(run: Run) -> dict[str, Any]:
             f"{pretrain.epochs} epochs, kNN accuracy on the test images each epoch")
     spec = {"num_classes": len(classes), "classes": classes, "image_size": cfg.data.image_size}
     trained = pretrain_model(cfg, arch, pool, run.sets.labeled, run.sets.test, spec, run.out / "pretrain",
-                             run.seed(0), callbacks=[MlflowEpochs(run.tracker.uri, cfg.name, child)])
+                             run.seed(0), callbacks=[MlflowEpochs(run.tracker.uri, run.tracker.experiment_id, child)])
     for epoch in trained.history:
         run.tracker.log_metrics(child, {k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
     protocols = {name: result["accuracy"] for name, result in frozen_protocols(
@@ -362,7 +362,7 @@ def train_stage(run: Run, iteration: int, arch: str, pseudo: dict[str, Any] | No
     # Each epoch's metrics reach MLflow when the epoch ends (live curves); the history is logged
     # again afterwards, which adds nothing twice (one value per key and step) and fills any gap a
     # restarted controller left.
-    live = MlflowEpochs(run.tracker.uri, cfg.name, child) if child else None
+    live = MlflowEpochs(run.tracker.uri, run.tracker.experiment_id, child) if child else None
     trained = train_model(cfg, f"{key}-{role}", arch, streams, spec, student=pseudo is not None,
                           out_dir=run.out / key, seed=run.seed(iteration), teacher_dir=teacher_dir,
                           callbacks=[live] if live else None, init_backbone_dir=init_backbone_dir,

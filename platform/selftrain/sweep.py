@@ -39,7 +39,7 @@ from selftrain.masking import redact_tree
 from selftrain.self_training import (Run, check_method_knobs, data_paths, open_tracking, pool_index_stage,
                                      pretrain_stage, score_stage, teacher_init_dir, train_stage)
 from selftrain.stages.evaluate import evaluate
-from selftrain.sweep_results import OBJECTIVE, collect_trials, split_validation
+from selftrain.sweep_results import OBJECTIVE, collect_trials, split_validation, tracking_errors
 from selftrain.trial import PLACEMENT_GROUPS_FILE, Shared, run_trial
 
 # Keys whose value shapes the shared teacher or the pool it scores: sweeping one of them gives
@@ -105,13 +105,14 @@ def _sweep_locked(cfg: PipelineConfig, sweep: SweepConfig, out: Path, resume: bo
         reads_pool = (cfg.teacher.online or cfg.students.online or cfg.pretrain is not None
                       or any(k.endswith(".method") for k in sweep.space))
         shared = Shared(cfg.model_dump(), str(out), tracker.uri, parent_id, paths, sets.classes, train,
-                        validation, teacher, scores, pool_index_stage(run) if reads_pool else None, backbone)
+                        validation, teacher, scores, pool_index_stage(run) if reads_pool else None, backbone,
+                        tracker.experiment_id)
         results = _tune(cfg, sweep, shared, out, resume, say)
         trials = collect_trials(results, sweep, cfg, out, tracker, parent_id)
         summary = _summarize(cfg, sweep, run, trials, teacher, time.monotonic() - started)
         tracker.finish(parent_id)
-    if tracker.outage():  # the results on disk are complete; say what the MLflow record lacks
-        summary["tracking_errors"] = [tracker.outage()]
+    if tracking_errors(tracker, out) != summary["tracking_errors"]:  # the last calls found the store down
+        summary["tracking_errors"] = tracking_errors(tracker, out)  # the results on disk are complete
         atomic_write_json(out / "summary.json", redact_tree(summary), indent=2, default=str)
     return summary
 
@@ -266,7 +267,7 @@ def _summarize(cfg: PipelineConfig, sweep: SweepConfig, run: Run, trials: list[d
         "best_config": str(config_path), "teacher_scoring_passes": passes,
         "trials_by_status": {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "failed")},
         "wall_seconds": round(seconds, 1),
-        "tracking_errors": [run.tracker.outage()] if run.tracker.outage() else [],
+        "tracking_errors": tracking_errors(run.tracker, run.out),  # what MLflow lacks, if anything
     }
     atomic_write_json(run.out / "summary.json", redact_tree(summary), indent=2, default=str)
     tracker, parent = run.tracker, run.parent_id

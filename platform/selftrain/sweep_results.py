@@ -4,6 +4,7 @@ Tune kills a trial that ASHA stops, which would leave its MLflow run RUNNING).""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pandas as pd
 from selftrain.config import PipelineConfig, SweepConfig, with_params
 from selftrain.errors import DataError
 from selftrain.training.loop import MODEL_FILE
-from selftrain.trial import TRIAL_TAG, read_trial_record
+from selftrain.trial import OUTAGE_FILE, TRIAL_TAG, read_trial_record
 
 OBJECTIVE = "val/accuracy"
 
@@ -97,3 +98,15 @@ def _first_line(error: BaseException | None) -> str | None:
             return text.split(marker, 1)[1].splitlines()[0]
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+def tracking_errors(tracker: Any, out: Path) -> list[dict[str, Any]]:
+    """What MLflow did not take during a sweep: from the driver's tracker, and from each trial's
+    process and epoch logger (each has its own connection, and its own record on disk)."""
+    found = [tracker.outage()] if tracker.outage() else []
+    for path in sorted((out / "trials").glob(f"*/**/{OUTAGE_FILE}")):
+        try:
+            found.append({**json.loads(path.read_text()), "file": str(path)})
+        except (OSError, json.JSONDecodeError) as exc:  # written whole (atomic); unreadable is still news
+            found.append({"where": str(path), "message": f"{path}: cannot be read ({exc})", "not_logged": {}})
+    return found

@@ -25,6 +25,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +53,9 @@ _MAX_PARAM = 6000  # MLflow's limit on a param value's length
 # a dead server; these give up in seconds. The user's own MLFLOW_HTTP_* settings win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# A store that stopped answering is asked again after this long (a server restarted, a network
+# back): until then each call is counted as not logged at once instead of waiting on it.
+RETRY_AFTER_S = 30.0
 T = TypeVar("T")
 
 
@@ -129,20 +133,31 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """One experiment in one store. Creating it creates the store once, before any fan-out."""
 
-    def __init__(self, experiment: str, uri: str | None = None):
+    def __init__(self, experiment: str, uri: str | None = None, experiment_id: str | None = None):
+        """`experiment_id`: the experiment exists (a sweep's trial, its epoch logger): the store
+        is not asked here, so a process that starts while it is down still runs, and counts what
+        it could not log."""
         self.uri = uri or tracking_uri()
-        self.display_uri = check_tracking_store(self.uri)
+        if experiment_id is None:
+            self.display_uri = check_tracking_store(self.uri)
+        else:
+            _use_short_http_retries()
+            self.display_uri = redact(self.uri)
         if self.display_uri != self.uri:  # MLflow prints "View run ... at: <uri>", password included
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        # Marked as model training, so MLflow 3's UI opens it on the runs table (an unmarked
-        # experiment without runs yet opens on the GenAI traces view).
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        if experiment_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            # Marked as model training, so MLflow 3's UI opens it on the runs table (an unmarked
+            # experiment without runs yet opens on the GenAI traces view).
+            experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        self.experiment_id = experiment_id
         self.failure: str | None = None  # the first error once the store stopped answering
         self.not_logged: dict[str, list[str]] = defaultdict(list)  # kind -> names of what was lost
+        self.answered_again = False  # the store answered after it had stopped
+        self._quiet_until = 0.0  # time.monotonic() before which the store is not asked again
 
     def start_run(self, name: str, parent_id: str | None = None,
                   tags: dict[str, str] | None = None) -> str | None:
@@ -175,11 +190,12 @@ class Tracker:
 
     def status(self, run_id: str | None) -> str | None:
         """The run's status; None when the store stopped answering."""
-        return self._attempt("run status reads", "status", run_id, lambda: self.client.get_run(run_id).info.status)
+        return self._attempt("run status reads", "status", run_id, lambda: self.client.get_run(run_id).info.status,
+                             always=True)
 
     def reopen(self, run_id: str | None) -> None:
         self._attempt("run status updates", "RUNNING", run_id,
-                      lambda: self.client.update_run(run_id, status="RUNNING"))
+                      lambda: self.client.update_run(run_id, status="RUNNING"), always=True)
 
     def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
         def log() -> None:
@@ -247,31 +263,31 @@ class Tracker:
 
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
         self._attempt("run status updates", status, run_id,
-                      lambda: self.client.set_terminated(run_id, status=status))
+                      lambda: self.client.set_terminated(run_id, status=status), always=True)
 
-    def _attempt(self, kind: str, name: str, run_id: str | None, call: Callable[[], T]) -> T | None:
-        """Call the store unless it already stopped answering; a failure that is the store's
-        (connection, timeout, 5xx) is recorded, never raised. run_id "" means none is needed."""
-        if self.failure is None and run_id is not None:
+    def _attempt(self, kind: str, name: str, run_id: str | None, call: Callable[[], T],
+                 always: bool = False) -> T | None:
+        """Call the store unless it stopped answering less than RETRY_AFTER_S ago (`always`: a
+        run's status, asked even then, so that no run is left RUNNING once the store is back); a
+        failure that is the store's (connection, timeout, 5xx) is recorded, never raised. run_id
+        "" means none is needed."""
+        if run_id is not None and (always or time.monotonic() >= self._quiet_until):
             try:
-                return call()
+                value = call()
             except (MlflowException, requests.RequestException) as exc:
                 if isinstance(exc, MlflowException) and exc.get_http_status_code() < 500:
                     raise  # a request the store refused (bad value, unknown run): our bug, not an outage
-                self.failure = _shorten(redact(str(exc)))
+                self.failure = self.failure or _shorten(redact(str(exc)))
+                self._quiet_until = time.monotonic() + RETRY_AFTER_S
+            else:
+                self.answered_again = self.answered_again or self.failure is not None
+                return value
         self.not_logged[kind].append(name)
         return None
 
     def outage(self) -> dict[str, Any] | None:
         """What the store missed, for summary.json and the last line of the run; None if nothing."""
-        if not self.not_logged:
-            return None
-        counts = ", ".join(f"{len(names)} {kind}" + (f" ({', '.join(names)})" if kind == "artifacts" else "")
-                           for kind, names in self.not_logged.items())
-        return {"uri": self.display_uri, "error": self.failure,
-                "not_logged": {kind: len(names) for kind, names in self.not_logged.items()},
-                "artifacts_not_logged": list(self.not_logged.get("artifacts", [])),
-                "message": f"MLflow at {self.display_uri} stopped answering; not logged: {counts}"}
+        return outage_record(self.display_uri, self.failure, self.not_logged, self.answered_again)
 
     @contextmanager
     def terminating(self, run_ids: list[str | None]) -> Iterator[None]:
@@ -306,8 +322,23 @@ class Tracker:
     def runs(self, parent_id: str) -> list[Any]:
         """Child runs of a parent, oldest first."""
         found = self._attempt("run searches", "children", parent_id, lambda: self.client.search_runs(
-            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", order_by=["attributes.start_time ASC"]))
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", order_by=["attributes.start_time ASC"]),
+            always=True)
         return list(found or [])
+
+
+def outage_record(display_uri: str, failure: str | None, not_logged: dict[str, list[str]],
+                  answered_again: bool = False) -> dict[str, Any] | None:
+    """What a store missed (kind -> names of what was not logged), for summary.json; None if nothing."""
+    if not not_logged:
+        return None
+    counts = ", ".join(f"{len(names)} {kind}" + (f" ({', '.join(names)})" if kind == "artifacts" else "")
+                       for kind, names in not_logged.items())
+    again = " (it answered again later; what came after was logged)" if answered_again else ""
+    return {"uri": display_uri, "error": failure, "answered_again": answered_again,
+            "not_logged": {kind: len(names) for kind, names in not_logged.items()},
+            "artifacts_not_logged": list(not_logged.get("artifacts", [])),
+            "message": f"MLflow at {display_uri} stopped answering{again}; not logged: {counts}"}
 
 
 def search_runs(experiment: str, filter_string: str = "", uri: str | None = None) -> Any:

@@ -39,6 +39,9 @@ from selftrain.tracking import Tracker
 
 TRIAL_TAG = "selftrain.trial_id"
 TRIAL_FILE = "trial.json"
+# What MLflow did not take from a trial's process, or from its students' epoch logger: found by
+# the sweep's summary (`sweep_results.tracking_errors`) under trials/<id>/.
+OUTAGE_FILE = "tracking_errors.json"
 PLACEMENT_GROUPS_FILE = "placement_groups.txt"  # Ray Train's, removed by the sweep when the trial ends
 
 
@@ -59,6 +62,7 @@ class Shared:
     pool_index: dict[str, Any] | None = None  # the numbered pool, when an online method may read it
     backbone: dict[str, Any] | None = None  # the pretrained backbone (`model_dir`) every trial's teacher
     # starts from; None without `pretrain:` or when the search space changes the pretraining
+    experiment_id: str | None = None  # the sweep's MLflow experiment (created by the driver)
 
 
 def run_trial(params: dict[str, Any], shared: Shared) -> None:
@@ -66,14 +70,18 @@ def run_trial(params: dict[str, Any], shared: Shared) -> None:
     cfg = with_params(PipelineConfig.model_validate(shared.config), params, source=f"trial {trial_id}")
     out = Path(shared.output_dir) / "trials" / trial_id
     out.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.name, shared.tracking_uri)
+    tracker = Tracker(cfg.name, shared.tracking_uri, experiment_id=shared.experiment_id)
     label = " ".join(f"{key}={value}" for key, value in params.items())
     run_id = tracker.find_or_start_run(f"trial-{trial_id}", shared.parent_id, TRIAL_TAG, trial_id,
                                        tags={"selftrain.role": "trial", "selftrain.trial_params": label})
-    with tracker.terminating([run_id]):
-        tracker.log_params(run_id, cfg.model_dump())
-        _Trial(cfg, shared, out, tracker, run_id).run()
-        tracker.finish(run_id)
+    try:
+        with tracker.terminating([run_id]):
+            tracker.log_params(run_id, cfg.model_dump())
+            _Trial(cfg, shared, out, tracker, run_id).run()
+            tracker.finish(run_id)
+    finally:
+        if tracker.outage():  # for the sweep's summary (`sweep_results.tracking_errors`)
+            atomic_write_json(out / OUTAGE_FILE, {**tracker.outage(), "where": f"trial {trial_id}"})
 
 
 @dataclass
@@ -143,7 +151,8 @@ class _Trial:
         self.tracker.log_metrics(self.run_id, stats_metrics(stats, rows, shared.classes), step=iteration)
         streams = training_streams(cfg, cfg.students, shared.train, len(shared.classes),
                                    {"dir": labels, "rows": rows}, shared.pool_index)
-        logger = MlflowEpochs(shared.tracking_uri, cfg.name, self.run_id, step_offset=epochs_before)
+        logger = MlflowEpochs(shared.tracking_uri, shared.experiment_id, self.run_id, step_offset=epochs_before,
+                              outage_file=str(self.out / f"iter{iteration}" / OUTAGE_FILE))
         trained = train_model(cfg, f"iter{iteration}-student", arch, streams, self._spec(), student=True, out_dir=self.out / f"iter{iteration}", seed=seed,
                               validation=shared.validation, callbacks=[TuneReportCallback(), logger],
                               teacher_dir=teacher_dir, placement_group_file=self.out / PLACEMENT_GROUPS_FILE)

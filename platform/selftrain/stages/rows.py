@@ -76,20 +76,27 @@ def keyed(batch: dict[str, Any], repeat: int) -> dict[str, Any]:
 
 class MlflowEpochs(UserCallback):
     """Logs each epoch's report to an MLflow run as it happens (runs in the Ray Train
-    controller), so a trial that Tune stops early keeps the epochs it trained."""
+    controller), so a trial that Tune stops early keeps the epochs it trained. What the store
+    did not take (it stopped answering) is written to `outage_file` after each epoch, for the
+    sweep's summary: this process's own record ends with it."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_id: str, step_offset: int = 0):
-        self.tracking_uri, self.experiment, self.run_id, self.step_offset = tracking_uri, experiment, run_id, step_offset
+    def __init__(self, tracking_uri: str, experiment_id: str, run_id: str, step_offset: int = 0,
+                 outage_file: str | None = None):
+        self.tracking_uri, self.experiment_id, self.run_id = tracking_uri, experiment_id, run_id
+        self.step_offset, self.outage_file = step_offset, outage_file
         self._tracker = None
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        from selftrain.fsio import atomic_write_json
         from selftrain.tracking import Tracker
 
-        if self._tracker is None:
-            self._tracker = Tracker(self.experiment, self.tracking_uri)
+        if self._tracker is None:  # the experiment exists: the store is not asked until the first epoch
+            self._tracker = Tracker("", self.tracking_uri, experiment_id=self.experiment_id)
         epoch_metrics = dict(metrics[0])
         step = self.step_offset + int(epoch_metrics.pop("epoch"))
         self._tracker.log_metrics(self.run_id, epoch_metrics, step=step)
+        if self._tracker.outage() and self.outage_file:
+            atomic_write_json(self.outage_file, {**self._tracker.outage(), "where": "epoch metrics (Ray Train controller)"})
 
 
 class ProgressEpochs(UserCallback):

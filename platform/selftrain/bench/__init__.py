@@ -4,7 +4,7 @@ Four measurements on the current machine, each a ratio against a bare baseline (
 module of each part for exactly what each side includes):
 
 1. `scoring_ratio`: teacher scoring through the Ray Data pipeline / a bare PyTorch loop over the
-   same decoded images (goal >= 0.90);
+   same decoded images (goal >= 0.95 on CPU, >= 0.90 on a GPU);
 2. `training_ratio`: student training through Ray Train (1 worker) / a bare loop over the same
    prepared rows (goal >= 0.85);
 3. `driver_rss_ratio`: driver RSS growth scoring a pool of 10 N files / of N files (goal <= 1.2);
@@ -40,6 +40,13 @@ from selftrain.config import ScoringConfig
 PARTS = ("driver_memory", "scoring", "training", "plumbing", "consistency", "pretrain")
 GOALS = {"scoring_ratio": (">=", 0.90), "training_ratio": (">=", 0.85), "driver_rss_ratio": ("<=", 1.2),
          "consistency_training_ratio": (">=", 0.85), "pretrain_ratio": (">=", 0.85)}
+# Without a GPU the pipeline's model runs at the CPU's own speed: it must keep more of it.
+CPU_GOALS = {"scoring_ratio": (">=", 0.95)}
+
+
+def goal(key: str, results: dict[str, Any]) -> tuple[str, float]:
+    """(comparison, value) that `key` must meet, on the device these results were measured on."""
+    return GOALS[key] if results.get("use_gpu") else CPU_GOALS.get(key, GOALS[key])
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,8 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
     scoring = ScoringConfig(batch_size=sizes.scoring_batch, cpus_per_actor=sizes.cpus_per_actor,
                             use_gpu=use_gpu)
     results: dict[str, Any] = {
-        "mode": "quick" if quick else "full", "sizes": asdict(sizes), "device": _device(use_gpu), "repeats": repeats,
+        "mode": "quick" if quick else "full", "sizes": asdict(sizes), "device": _device(use_gpu), "use_gpu": use_gpu,
+        "repeats": repeats,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with tempfile.TemporaryDirectory(prefix="selftrain-bench-", dir=tmp_root) as tmp:
@@ -199,14 +207,14 @@ def table(results: dict[str, Any]) -> str:
     def row(name: str, pipeline: float, bare: float | None, key: str | None, unit: str = "img/s",
             ratio: float | None = None) -> None:
         ratio = results["ratios"].get(key) if key else ratio
-        goal = f"{GOALS[key][0]} {GOALS[key][1]}" if key else ""
-        met = "" if ratio is None or key is None else ("  met" if _met(key, ratio) else "  NOT met")
+        wanted = f"{goal(key, results)[0]} {goal(key, results)[1]}" if key else ""
+        met = "" if ratio is None or key is None else ("  met" if _met(goal(key, results), ratio) else "  NOT met")
         spread = results["ratio_ranges"].get(key) if key and results.get("ratio_ranges") else None
         if spread and spread[2] > 1:
             met += f"  (median of {spread[2]}: {spread[0]:.3f}-{spread[1]:.3f})"
         bare_text = f"{bare:>10,.1f} {unit}" if bare is not None else " " * 14
         ratio_text = f"{ratio:>9.3f}" if ratio is not None else " " * 9
-        lines.append(f"{name:<46}{pipeline:>10,.1f} {unit}{bare_text}{ratio_text}  {goal}{met}")
+        lines.append(f"{name:<46}{pipeline:>10,.1f} {unit}{bare_text}{ratio_text}  {wanted}{met}")
 
     if "scoring" in results:
         s = results["scoring"]
@@ -248,9 +256,9 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _met(key: str, value: float) -> bool:
-    op, goal = GOALS[key]
-    return value >= goal if op == ">=" else value <= goal
+def _met(wanted: tuple[str, float], value: float) -> bool:
+    op, bound = wanted
+    return value >= bound if op == ">=" else value <= bound
 
 
 def record(results: dict[str, Any], out: Path, command: str) -> str | None:

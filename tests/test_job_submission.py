@@ -134,34 +134,3 @@ def test_smoke_pipeline_runs_as_a_ray_job_on_the_submitted_cluster(head_node, di
     assert summary["tracking_uri"] == store and summary["tracking_errors"] == []
     run = MlflowClient(store).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "run"
-
-
-def test_ray_job_stop_marks_the_runs_killed(head_node, digits, tmp_path):
-    """`ray job stop` while the job's teacher trains: Ray's job supervisor sends SIGTERM to the
-    entry point (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, 3 s by default); selftrain marks
-    its MLflow runs KILLED before that, and says how to resume."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    submitted = _submit(
-        "job", "submit", "--address", head_node, "--submission-id", "selftrain-stop", "--no-wait",
-        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}}),
-        "--", "selftrain", "run", "pipelines/smoke.yaml", f"output_dir={tmp_path / 'run'}",
-        f"data.labeled={digits.labeled}", f"data.unlabeled={digits.unlabeled}", f"data.test={digits.test}",
-        "name=smoke-stop", "iterations=0", "train.teacher_epochs=500",
-    )
-    assert submitted.returncode == 0, submitted.stderr[-2000:]
-    deadline = time.monotonic() + 300
-    while "teacher cnn_tiny: epoch" not in (logs := _ray("job", "logs", "--address", head_node, "selftrain-stop").stdout):
-        assert time.monotonic() < deadline, f"the teacher did not start training: {logs[-2000:]}"
-        time.sleep(2)
-    stopped = _ray("job", "stop", "--address", head_node, "selftrain-stop", timeout=120)
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
-    deadline = time.monotonic() + 60
-    while "stopped" not in (status := _ray("job", "status", "--address", head_node, "selftrain-stop").stdout.lower()):
-        assert time.monotonic() < deadline, status[-500:]
-        time.sleep(2)
-    logs = _ray("job", "logs", "--address", head_node, "selftrain-stop").stdout
-    assert "selftrain: terminated (SIGTERM); re-run the same command to resume" in logs, logs[-3000:]
-    client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("smoke-stop").experiment_id])
-    assert sorted((r.data.tags["selftrain.role"], r.info.status) for r in runs) == [("pipeline", "KILLED"),
-                                                                                 ("teacher", "KILLED")]

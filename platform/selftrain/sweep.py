@@ -111,8 +111,9 @@ def _sweep_locked(cfg: PipelineConfig, sweep: SweepConfig, out: Path, resume: bo
         trials = collect_trials(results, sweep, cfg, out, tracker, parent_id)
         summary = _summarize(cfg, sweep, run, trials, teacher, time.monotonic() - started)
         tracker.finish(parent_id)
-    if tracking_errors(tracker, out) != summary["tracking_errors"]:  # the last calls found the store down
-        summary["tracking_errors"] = tracking_errors(tracker, out)  # the results on disk are complete
+    errors = tracking_errors(tracker, out)
+    if errors != summary["tracking_errors"]:  # the last calls found the store down
+        summary["tracking_errors"] = errors  # the results on disk are complete
         atomic_write_json(out / "summary.json", redact_tree(summary), indent=2, default=str)
     return summary
 

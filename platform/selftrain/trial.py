@@ -80,8 +80,9 @@ def run_trial(params: dict[str, Any], shared: Shared) -> None:
             _Trial(cfg, shared, out, tracker, run_id).run()
             tracker.finish(run_id)
     finally:
-        if tracker.outage():  # for the sweep's summary (`sweep_results.tracking_errors`)
-            atomic_write_json(out / OUTAGE_FILE, {**tracker.outage(), "where": f"trial {trial_id}"})
+        outage = tracker.outage()
+        if outage:  # for the sweep's summary (`sweep_results.tracking_errors`)
+            atomic_write_json(out / OUTAGE_FILE, {**outage, "where": f"trial {trial_id}"})
 
 
 @dataclass

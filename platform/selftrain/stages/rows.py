@@ -95,8 +95,9 @@ class MlflowEpochs(UserCallback):
         epoch_metrics = dict(metrics[0])
         step = self.step_offset + int(epoch_metrics.pop("epoch"))
         self._tracker.log_metrics(self.run_id, epoch_metrics, step=step)
-        if self._tracker.outage() and self.outage_file:
-            atomic_write_json(self.outage_file, {**self._tracker.outage(), "where": "epoch metrics (Ray Train controller)"})
+        outage = self._tracker.outage()
+        if outage and self.outage_file:
+            atomic_write_json(self.outage_file, {**outage, "where": "epoch metrics (Ray Train controller)"})
 
 
 class ProgressEpochs(UserCallback):

@@ -97,3 +97,26 @@ def test_each_ratio_is_the_median_of_repeats_with_its_own_run_and_the_spread_in_
     results["ratios"]["scoring_ratio"] = 0.93  # between the two goals
     assert "0.930  >= 0.95  NOT met" in table(results)
     assert "0.930  >= 0.9  met" in table({**results, "use_gpu": True})
+
+
+def test_the_pool_pass_scores_every_file_into_parquet_and_is_printed_over_the_model_rate(ray_session, tmp_path):
+    """The end-to-end figure: JPEG files on disk through the real read_pool and score_pool; every
+    file becomes a scores row, and the table prints its rate over the bare loop's."""
+    from selftrain.bench import _model_dir
+    from selftrain.bench.scoring import pool_pass, synthetic_jpegs
+
+    jpegs = synthetic_jpegs(5, 24)
+    passed = pool_pass(_model_dir(tmp_path, "cnn_tiny", 16), jpegs * 61, ScoringConfig(batch_size=64), 16,
+                       str(tmp_path))
+    assert passed["images"] == 305  # every file, none lost or doubled
+    assert passed["images_per_s"] == pytest.approx(305 / passed["seconds"])
+    assert not list(tmp_path.glob("selftrain-bench-pass-*"))  # the files and scores are removed
+
+    scoring = {"pipeline_images_per_s": 90.0, "bare_images_per_s": 100.0, "scoring_ratio": 0.9,
+               "pipeline_cpu_decode_images_per_s": 50.0, "cpu_decode_images_per_s_one_process": 70.0,
+               "pool_pass_images": 305, "pool_pass_seconds": 12.5, "pool_pass_images_per_s": 24.4,
+               "pool_pass_over_model": 0.244}
+    results = {"mode": "quick", "device": "CPU", "scoring": scoring}
+    results["ratios"] = ratios(results)
+    line = next(line for line in table(results).splitlines() if "pool pass" in line)
+    assert "305 files -> scores Parquet" in line and line.rstrip().endswith("24.4 img/s     100.0 img/s    0.244")

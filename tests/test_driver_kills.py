@@ -53,13 +53,17 @@ def killed_four_times(ray_session, digits, tmp_path_factory):
 
     from selftrain.cli import main
 
-    from conftest import digits_overrides, experiment_runs, tracking_uri_set
+    from conftest import digits_overrides, experiment_runs, pool_subset, tracking_uri_set
 
     import ray
 
     root = tmp_path_factory.mktemp("kills")
     out, uri = root / "run", f"sqlite:///{root / 'mlflow.db'}"
-    args = [str(REPO / "pipelines" / "smoke.yaml"), f"output_dir={out}", "name=smoke-kills", *digits_overrides(digits)]
+    # 300 pool images and 2 student epochs: what is checked is where each run resumes, not how
+    # good the student gets (the full smoke run: test_pipeline.py).
+    pool = pool_subset(digits.unlabeled, root / "pool", per_class=30)
+    args = [str(REPO / "pipelines" / "smoke.yaml"), f"output_dir={out}", "name=smoke-kills", "train.student_epochs=2",
+            *digits_overrides(digits, pool)]
     # The drivers join this session's Ray, so a kill leaves the cluster up, as with a `ray job`.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
            "PYTHONUNBUFFERED": "1"}

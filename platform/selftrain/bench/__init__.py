@@ -149,7 +149,7 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
             scoring_model = _model_dir(models, sizes.scoring_arch, sizes.image_size)
             results["scoring"] = repeated("scoring", repeats, lambda: run_scoring(
                 scoring_model, sizes.scoring_images, sizes.scoring_source_size, sizes.image_size, scoring,
-                use_gpu), say)
+                use_gpu, tmp_root), say)
         if "training" in parts:
             from selftrain.bench.training import run_training
 
@@ -224,6 +224,11 @@ def table(results: dict[str, Any]) -> str:
             row("   pipeline from JPEG, GPU decode in actor", s["pipeline_gpu_decode_images_per_s"], None, None)
             row("   GPU JPEG decode+resize alone", s["gpu_decode_images_per_s"], None, None)
         row("   CPU decode+resize, one process", s["cpu_decode_images_per_s_one_process"], None, None)
+        if "pool_pass_images_per_s" in s:
+            row(f"   pool pass: {s['pool_pass_images']:,} files -> scores Parquet", s["pool_pass_images_per_s"],
+                s["bare_images_per_s"], None, ratio=s["pool_pass_over_model"])
+            lines.append(f"     (wall clock, {s['pool_pass_seconds']:.1f} s: listing, reading, CPU decode tasks, "
+                         "actor start, scoring, Parquet write and check; bare = the model alone)")
     if "training" in results:
         t = results["training"]
         row("2. training, Ray Train 1 worker vs bare", t["ray_train_images_per_s"], t["bare_images_per_s"],

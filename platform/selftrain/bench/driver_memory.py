@@ -41,14 +41,16 @@ def _pngs(distinct: int, seed: int) -> list[bytes]:
     return out
 
 
-def write_pool(root: Path, count: int, seed: int = 0) -> None:
-    """`count` PNG files in folders of PER_FOLDER; a few distinct encodings, written fast."""
-    encoded = _pngs(16, seed)
+def write_pool(root: Path, count: int, seed: int = 0, encoded: list[bytes] | None = None,
+               suffix: str = ".png") -> None:
+    """`count` image files in folders of PER_FOLDER, the `encoded` ones repeated cyclically (by
+    default a few distinct small PNGs: written fast)."""
+    encoded = encoded or _pngs(16, seed)
     for folder_index, first in enumerate(range(0, count, PER_FOLDER)):
         folder = root / f"shard{folder_index:05d}"
         folder.mkdir(parents=True)
         for i in range(first, min(first + PER_FOLDER, count)):
-            (folder / f"{i:08d}.png").write_bytes(encoded[i % len(encoded)])
+            (folder / f"{i:08d}{suffix}").write_bytes(encoded[i % len(encoded)])
 
 
 class PeakRss:

@@ -1,5 +1,7 @@
 """Stages on the shared local CPU Ray, over real image files."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -13,7 +15,7 @@ from selftrain.errors import DataError, PseudoLabelError
 from selftrain.models.registry import build_model
 from selftrain.stages.evaluate import evaluate
 from selftrain.stages.pseudo_label import select_pseudo_labels
-from selftrain.stages.score import score_pool
+from selftrain.stages.score import rows_per_task, score, score_pool
 from selftrain.data.augment import to_model_input
 from selftrain.data.decode import decode_image
 from selftrain.training.loop import load_model, save_model
@@ -87,6 +89,25 @@ def test_concurrent_batches_in_one_actor_score_each_row_as_one_at_a_time(scored_
     blanked = concurrent[concurrent["path"].isin(bad)]
     assert len(blanked) == 3 and (blanked["prediction"] == -1).all() and (blanked["confidence"] == 0).all()
     assert not np.stack(blanked["logits"]).any()
+
+
+@pytest.mark.parametrize("calls", [1, 3])
+def test_an_actor_that_scores_one_call_at_a_time_gets_four_batches_a_task(corrupt_pool, model_dir, calls):
+    """One call at a time (CPU): Ray's work between two actor tasks falls once per four batches.
+    Calls that overlap in threads (a GPU): one batch a task, so that many tasks can overlap.
+    The tasks are counted by Ray Data's own stats (a call cannot see its task: calls run in a
+    thread of the actor)."""
+    pool, _ = corrupt_pool
+    cfg = SCORING.model_copy(update={"batch_size": 64, "concurrent_batches": calls, "use_gpu": False})
+    assert rows_per_task(cfg, use_gpu=False) == 64 * (4 if calls == 1 else 1)
+    scored = score(read_pool(str(pool), "image", CLASSES), model_dir, cfg, 16, from_paths=False).materialize()
+    assert scored.count() == 1300
+    found = re.search(r"MapBatches\(TeacherScorer\): (\d+) tasks executed", scored.stats())
+    tasks = int(found.group(1))
+    if calls == 1:  # the pool's 10 read blocks of 130 files, decoded and handed over in 256s or more
+        assert tasks <= 1300 // 256
+    else:  # each read block as it is
+        assert tasks >= 1300 // 130
 
 
 def test_pseudo_labels_balanced_and_written_with_their_provenance(scored_pool, tmp_path):

@@ -3,7 +3,8 @@
 Like with like: the same model (weights saved once, loaded by both sides), batch size, device,
 image size, AMP and channels_last settings, torch threads (an actor's `cpus_per_actor`), and
 the same decoded uint8 images held in memory (the bare loop in this process, the pipeline in
-Ray's object store, materialised before the clock starts). Both rates are steady state: the
+Ray's object store, materialised before the clock starts; the bare loop runs just before and
+just after the pipeline, and its two rates are averaged). Both rates are steady state: the
 images after the first quarter over the time after it (`steady_rate`), so neither side's model
 load, actor start-up or warm-up counts (the time to the first batch is reported as
 `*_first_batch_seconds`). The pipeline's rate includes every Ray Data hop: object store ->
@@ -43,7 +44,7 @@ from selftrain.config import ScoringConfig
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch
 from selftrain.data.pool import read_pool
-from selftrain.stages.score import TeacherScorer, infer, score_pool
+from selftrain.stages.score import TeacherScorer, decoded, infer, rows_per_task, score_pool, wants_gpu
 from selftrain.training.loop import load_model
 
 DISTINCT = 256  # distinct synthetic JPEGs, repeated to the bench's image count
@@ -66,9 +67,9 @@ def decode_all(distinct: list[bytes], count: int, size: int) -> tuple[np.ndarray
     """`count` decoded images (uint8 NHWC; the distinct ones repeated cyclically, as in the
     byte stream the pipelines get) and the single-process CPU decode+resize rate, images/s."""
     start = time.perf_counter()
-    decoded = decode_batch({"bytes": np.array(distinct, dtype=object)}, size)["image"]
+    images = decode_batch({"bytes": np.array(distinct, dtype=object)}, size)["image"]
     rate = len(distinct) / (time.perf_counter() - start)
-    return decoded[np.arange(count) % len(distinct)], rate
+    return images[np.arange(count) % len(distinct)], rate
 
 
 def bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool) -> dict[str, float]:
@@ -171,8 +172,8 @@ def _with_error_column(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def materialised_images(images: np.ndarray, rows_per_block: int) -> ray.data.Dataset:
-    """Decoded images in Ray's object store, one scoring batch per block (the actor's output
-    then streams back batch by batch, as the bare loop's does), before any clock starts."""
+    """Decoded images in Ray's object store, in blocks of `rows_per_block` (a pool pass's decode
+    tasks make blocks of `stages.score.rows_per_task`), before any clock starts."""
     chunks = [images[i:i + rows_per_block] for i in range(0, len(images), rows_per_block)]
     return ray.data.from_numpy(chunks).map_batches(_with_error_column, batch_size=None).materialize()
 
@@ -212,8 +213,8 @@ def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig)
 def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> dict[str, float]:
     """Bytes -> decode in Ray CPU tasks (as `stages.score.score`) -> the same actor pool."""
     start = time.perf_counter()
-    decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64, num_cpus=0.5)
-    return drain(infer(decoded, model_dir, cfg, scorer=TimedScorer), start)
+    rows = decoded(encoded, size, from_paths=False, rows_per_task=rows_per_task(cfg, wants_gpu(cfg.use_gpu)))
+    return drain(infer(rows, model_dir, cfg, scorer=TimedScorer), start)
 
 
 class GpuDecodeScorer(TimedScorer):
@@ -285,9 +286,14 @@ def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: Sc
     distinct = synthetic_jpegs(DISTINCT, source_size)
     jpegs = [distinct[i % len(distinct)] for i in range(count)]
     images, cpu_decode_rate = decode_all(distinct, count, size)
-    rows = materialised_images(images, cfg.batch_size)
+    rows = materialised_images(images, rows_per_task(cfg, use_gpu))
+    # The bare loop just before and just after the pipeline, their rates averaged: this machine's
+    # speed drifts by 5-10 % over a minute, and a drift then weighs on both sides alike.
+    before = bare_loop(model_dir, images, cfg, use_gpu)
     pipeline = pipeline_decoded(model_dir, rows, cfg)
-    bare = bare_loop(model_dir, images, cfg, use_gpu)
+    after = bare_loop(model_dir, images, cfg, use_gpu)
+    bare = {"images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2,
+            "first_batch_seconds": before["first_batch_seconds"]}
     del rows
     encoded = materialised_bytes(jpegs, cfg.batch_size)
     cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size)
@@ -295,6 +301,7 @@ def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: Sc
     result = {
         "images": count, "scored": pipeline["images"],
         "pipeline_images_per_s": pipeline["images_per_s"], "bare_images_per_s": bare["images_per_s"],
+        "bare_before_images_per_s": before["images_per_s"], "bare_after_images_per_s": after["images_per_s"],
         "scoring_ratio": pipeline["images_per_s"] / bare["images_per_s"],
         "pipeline_first_batch_seconds": pipeline["first_batch_seconds"],
         "bare_first_batch_seconds": bare["first_batch_seconds"],

@@ -91,6 +91,15 @@ def test_concurrent_batches_in_one_actor_score_each_row_as_one_at_a_time(scored_
     assert not np.stack(blanked["logits"]).any()
 
 
+def test_a_scoring_task_holds_up_to_four_batches_within_its_byte_budget():
+    one_at_a_time = ScoringConfig(batch_size=256, concurrent_batches=1)
+    assert rows_per_task(one_at_a_time, use_gpu=False, image_size=32) == 4 * 256  # 3 MiB of images
+    assert rows_per_task(one_at_a_time, use_gpu=False, image_size=160) == 3 * 256  # 19.7 MB a batch
+    assert rows_per_task(one_at_a_time, use_gpu=False, image_size=224) == 256  # 38.5 MB: one batch
+    assert rows_per_task(one_at_a_time.model_copy(update={"batch_size": 4096}), False, 224) == 4096  # never less
+    assert rows_per_task(ScoringConfig(batch_size=256), use_gpu=True, image_size=32) == 256  # 4 calls overlap
+
+
 @pytest.mark.parametrize("calls", [1, 3])
 def test_an_actor_that_scores_one_call_at_a_time_gets_four_batches_a_task(corrupt_pool, model_dir, calls):
     """One call at a time (CPU): Ray's work between two actor tasks falls once per four batches.
@@ -99,10 +108,12 @@ def test_an_actor_that_scores_one_call_at_a_time_gets_four_batches_a_task(corrup
     thread of the actor)."""
     pool, _ = corrupt_pool
     cfg = SCORING.model_copy(update={"batch_size": 64, "concurrent_batches": calls, "use_gpu": False})
-    assert rows_per_task(cfg, use_gpu=False) == 64 * (4 if calls == 1 else 1)
+    assert rows_per_task(cfg, use_gpu=False, image_size=16) == 64 * (4 if calls == 1 else 1)
     scored = score(read_pool(str(pool), "image", CLASSES), model_dir, cfg, 16, from_paths=False).materialize()
     assert scored.count() == 1300
-    found = re.search(r"MapBatches\(TeacherScorer\): (\d+) tasks executed", scored.stats())
+    stats = scored.stats()
+    found = re.search(r"MapBatches\(TeacherScorer\): (\d+) tasks executed", stats)
+    assert found, stats
     tasks = int(found.group(1))
     if calls == 1:  # the pool's 10 read blocks of 130 files, decoded and handed over in 256s or more
         assert tasks <= 1300 // 256

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 from PIL import Image
 
 from selftrain.config import ScoringConfig
@@ -79,25 +80,29 @@ class PeakRss:
 
 
 def score_generated_pool(count: int, model_dir: str, image_size: int, cfg: ScoringConfig,
-                         tmp_root: str | None) -> dict[str, Any]:
+                         tmp_root: str | None, encoded: list[bytes] | None = None,
+                         suffix: str = ".png") -> dict[str, Any]:
+    """`count` image files written (`write_pool`; not timed), then the pool pass over them timed
+    from the listing to the checked scores Parquet, with the driver's RSS sampled throughout."""
     work = Path(tempfile.mkdtemp(prefix=f"selftrain-bench-pool-{count}-", dir=tmp_root))
     try:
         start = time.perf_counter()
-        write_pool(work / "pool", count)
+        write_pool(work / "pool", count, encoded=encoded, suffix=suffix)
         generate_seconds = time.perf_counter() - start
         with PeakRss() as rss:
             start = time.perf_counter()
             scores = score_pool(read_pool(str(work / "pool"), "image", None), model_dir, cfg, image_size,
                                 work / "out", pool_name=f"bench pool of {count}")
             seconds = time.perf_counter() - start
-        shards = len(list(Path(scores).glob("*.parquet")))
+        shards = list(Path(scores).glob("*.parquet"))
+        rows = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     growth = rss.peak - rss.before
-    return {"files": count, "generate_seconds": generate_seconds, "score_seconds": seconds,
+    return {"files": count, "rows": rows, "generate_seconds": generate_seconds, "score_seconds": seconds,
             "images_per_s": count / seconds, "rss_before_mb": rss.before / 2**20,
             "rss_peak_mb": rss.peak / 2**20, "growth_mb": growth / 2**20,
-            "growth_bytes_per_file": growth / count, "scores_parquet_files": shards}
+            "growth_bytes_per_file": growth / count, "scores_parquet_files": len(shards)}
 
 
 def run_driver_memory(small: int, model_dir: str, image_size: int, cfg: ScoringConfig,

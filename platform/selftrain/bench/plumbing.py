@@ -34,7 +34,7 @@ import torch
 
 from selftrain.bench.scoring import materialised_images
 from selftrain.config import ScoringConfig
-from selftrain.stages.score import GPU_CONCURRENT_BATCHES, TeacherScorer, infer
+from selftrain.stages.score import GPU_CONCURRENT_BATCHES, TeacherScorer, infer, rows_per_task
 
 H100_RESNET50_IMAGES_PER_S = 9213.0  # `selftrain bench --parts scoring` bare loop, README
 NUM_CLASSES = 10
@@ -97,11 +97,12 @@ def run_plumbing(count: int, size: int, cfg: ScoringConfig,
     """The pipeline into the stand-in device once per `scoring.concurrent_batches` in `settings`."""
     rng = np.random.default_rng(0)
     distinct = rng.integers(0, 256, (DISTINCT, size, size, 3), dtype=np.uint8)
-    rows = materialised_images(distinct[np.arange(count) % DISTINCT], cfg.batch_size)
+    images = distinct[np.arange(count) % DISTINCT]
     result: dict[str, Any] = {"images": count, "image_size": size, "batch_size": cfg.batch_size,
                               "device_images_per_s": device_images_per_s, "by_concurrent_batches": {}}
     for calls in sorted(set(settings)):
         settings = cfg.model_copy(update={"use_gpu": False, "num_actors": 1, "concurrent_batches": calls})
+        rows = materialised_images(images, rows_per_task(settings, True, size))  # blocks as a GPU pass makes them
         result["by_concurrent_batches"][str(calls)] = device_utilisation(
             infer(rows, "", settings, scorer=StandInDevice, device_images_per_s=device_images_per_s))
     result["plumbing_ratio"] = result["by_concurrent_batches"][str(GPU_CONCURRENT_BATCHES)]["plumbing_ratio"]

@@ -24,12 +24,9 @@ rates leave out: Ray Data's planning, the actor's start and model load, the last
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,12 +36,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from selftrain.bench.driver_memory import write_pool
+from selftrain.bench.driver_memory import score_generated_pool
 from selftrain.config import ScoringConfig
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch
-from selftrain.data.pool import read_pool
-from selftrain.stages.score import TeacherScorer, decoded, infer, rows_per_task, score_pool, wants_gpu
+from selftrain.stages.score import TeacherScorer, decoded, infer, rows_per_task
 from selftrain.training.loop import load_model
 
 DISTINCT = 256  # distinct synthetic JPEGs, repeated to the bench's image count
@@ -210,10 +206,11 @@ def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig)
     return drain(infer(rows, model_dir, cfg, scorer=TimedScorer), time.perf_counter())
 
 
-def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> dict[str, float]:
+def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int,
+                        use_gpu: bool) -> dict[str, float]:
     """Bytes -> decode in Ray CPU tasks (as `stages.score.score`) -> the same actor pool."""
     start = time.perf_counter()
-    rows = decoded(encoded, size, from_paths=False, rows_per_task=rows_per_task(cfg, wants_gpu(cfg.use_gpu)))
+    rows = decoded(encoded, size, from_paths=False, rows_per_task=rows_per_task(cfg, use_gpu, size))
     return drain(infer(rows, model_dir, cfg, scorer=TimedScorer), start)
 
 
@@ -263,22 +260,12 @@ def gpu_decode_rate(jpegs: list[bytes], size: int, batch_size: int) -> float:
 
 
 def pool_pass(model_dir: str, jpegs: list[bytes], cfg: ScoringConfig, size: int,
-              tmp_root: str | None = None) -> dict[str, float]:
+              tmp_root: str | None = None) -> dict[str, Any]:
     """The pool pass of a pipeline over `jpegs` written as .jpg files: wall-clock images/s from
     listing the folder to the checked scores Parquet (the files' writing is not timed)."""
-    import pyarrow.parquet as pq
-
-    work = Path(tempfile.mkdtemp(prefix="selftrain-bench-pass-", dir=tmp_root))
-    try:
-        write_pool(work / "pool", len(jpegs), encoded=jpegs, suffix=".jpg")
-        start = time.perf_counter()
-        scores = score_pool(read_pool(str(work / "pool"), "image", None), model_dir, cfg, size, work / "out",
-                            pool_name="bench pool")
-        seconds = time.perf_counter() - start
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(scores).glob("*.parquet"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {"images": rows, "seconds": seconds, "images_per_s": rows / seconds}
+    passed = score_generated_pool(len(jpegs), model_dir, size, cfg, tmp_root, encoded=jpegs, suffix=".jpg")
+    return {"images": passed["rows"], "seconds": passed["score_seconds"],
+            "images_per_s": passed["rows"] / passed["score_seconds"]}
 
 
 def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: ScoringConfig,
@@ -286,7 +273,7 @@ def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: Sc
     distinct = synthetic_jpegs(DISTINCT, source_size)
     jpegs = [distinct[i % len(distinct)] for i in range(count)]
     images, cpu_decode_rate = decode_all(distinct, count, size)
-    rows = materialised_images(images, rows_per_task(cfg, use_gpu))
+    rows = materialised_images(images, rows_per_task(cfg, use_gpu, size))
     # The bare loop just before and just after the pipeline, their rates averaged: this machine's
     # speed drifts by 5-10 % over a minute, and a drift then weighs on both sides alike.
     before = bare_loop(model_dir, images, cfg, use_gpu)
@@ -296,7 +283,7 @@ def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: Sc
             "first_batch_seconds": before["first_batch_seconds"]}
     del rows
     encoded = materialised_bytes(jpegs, cfg.batch_size)
-    cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size)
+    cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size, use_gpu)
     files = pool_pass(model_dir, jpegs, cfg, size, tmp_root)
     result = {
         "images": count, "scored": pipeline["images"],

@@ -23,7 +23,8 @@ from selftrain.data.decode import PARQUET_ROW, local_id, local_path, read_file_b
 from selftrain.data.listing import PARQUET, PoolLocation, kind_of, list_below, list_top_level, locate, probe
 from selftrain.errors import DataError
 
-ROWS_PER_READ_TASK = 256  # files per read+decode task: enough tasks to keep every CPU busy
+ROWS_PER_READ_TASK = 256  # files per read task: enough tasks to keep every CPU busy (a scoring pass's read
+# tasks are fused with its decode tasks, which may take more: `stages.score.rows_per_task`)
 LIST_CPUS = 0.5  # every pool task: a whole CPU beside a 1-CPU scoring actor on 2 cores never runs
 
 

@@ -125,19 +125,25 @@ def concurrent_batches(cfg: ScoringConfig, use_gpu: bool) -> int:
 
 
 BATCHES_PER_TASK_ONE_CALL_AT_A_TIME = 4
+TASK_BYTES = 64 * 2**20  # decoded uint8 images per task at most: 256 images at 224 px is 38.5 MB
 
 
-def rows_per_task(cfg: ScoringConfig, use_gpu: bool) -> int:
+def rows_per_task(cfg: ScoringConfig, use_gpu: bool, image_size: int) -> int:
     """Rows (at least) per decode task, and so per scoring-actor task: each decode task's output
-    is one block, and the actor takes a block a task, calling the model on it batch by batch.
+    is one block, and the actor takes a block a task, calling the model on it batch by batch
+    (`batch_size` rows, the task's remainder last).
 
-    Where an actor runs one call at a time (CPU), four batches a task: between two tasks the
-    actor sits idle while Ray stores one task's output and starts the next (10-12 ms per task,
-    measured with resnet18 at 32 px: 6 % of a 190 ms batch; 1.8 ms between the batches of one
-    task), so that cost falls once per four forward passes. Where calls overlap in threads
-    (`concurrent_batches` > 1, a GPU) one batch a task keeps that many tasks to overlap."""
-    calls = concurrent_batches(cfg, use_gpu)
-    return cfg.batch_size * (BATCHES_PER_TASK_ONE_CALL_AT_A_TIME if calls == 1 else 1)
+    Where an actor runs one call at a time (CPU), up to four batches a task: between two tasks
+    the actor sits idle while Ray stores one task's output and starts the next (10-12 ms per
+    task, measured with resnet18 at 32 px: 6 % of a 190 ms batch; 1.8 ms between the batches of
+    one task), so that cost falls once per four forward passes. Only as many as fit TASK_BYTES:
+    where a batch is large the forward pass is long, and the same 10 ms is nothing beside it.
+    Where calls overlap in threads (`concurrent_batches` > 1, a GPU) one batch a task keeps that
+    many tasks to overlap."""
+    if concurrent_batches(cfg, use_gpu) > 1:
+        return cfg.batch_size
+    batch_bytes = cfg.batch_size * image_size * image_size * 3
+    return cfg.batch_size * max(1, min(BATCHES_PER_TASK_ONE_CALL_AT_A_TIME, TASK_BYTES // batch_bytes))
 
 
 class TeacherScorer:
@@ -241,7 +247,7 @@ def score(
     """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`.
     `tta` only from `score_pool`: the test set (`evaluate`) is scored on the plain image;
     `progress` (`console.progress_task`) posts each batch to the CLI's progress board."""
-    rows = decoded(rows, image_size, from_paths, parquet_column, rows_per_task(cfg, wants_gpu(cfg.use_gpu)))
+    rows = decoded(rows, image_size, from_paths, parquet_column, rows_per_task(cfg, wants_gpu(cfg.use_gpu), image_size))
     return infer(rows, model_dir, cfg, **({"tta": tuple(tta)} if tta else {}),
                  **({"progress": progress} if progress else {}))
 

@@ -33,7 +33,10 @@ def mlflow_server(root: Path, timeout: float = 180, port: int | None = None) -> 
             [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
              "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+            # MLflow 3's GenAI job runner (eight more Python processes, huey consumers that poll):
+            # nothing of selftrain's uses it, and on two cores it took a core for its start-up.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, server, log, timeout)

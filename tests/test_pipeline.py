@@ -6,10 +6,13 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -31,6 +34,7 @@ from conftest import (REPO, chromium_path, copy_tree, digits_overrides, experime
                       page_data, tracking_uri_set, write_corrupt_files)
 
 SMOKE = str(REPO / "pipelines" / "smoke.yaml")
+FIXED_DATA = Path(tempfile.gettempdir()) / "selftrain-test-smoke-data"  # see the `smoke` fixture
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +43,16 @@ def smoke(ray_session, digits, tmp_path_factory):
     (no handler runs, as with the OOM killer) while it scores the pool; the same command again
     finishes the run. Every test below checks that resumed run."""
     root = tmp_path_factory.mktemp("smoke")
-    pool = copy_tree(digits.unlabeled, root / "pool")
+    # Each row's augmentation seed includes its file's path, so the data sits at one fixed path:
+    # under pytest's numbered temp folders the seeded run's numbers moved from run to run (the
+    # student once ended 0.7 points under its teacher).
+    shutil.rmtree(FIXED_DATA, ignore_errors=True)
+    data = SimpleNamespace(labeled=copy_tree(digits.labeled, FIXED_DATA / "labeled"),
+                           test=copy_tree(digits.test, FIXED_DATA / "test"))
+    pool = copy_tree(digits.unlabeled, FIXED_DATA / "pool")
     bad = write_corrupt_files(pool / "4")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = [SMOKE, f"output_dir={root / 'run'}", *digits_overrides(digits, pool)]
+    args = [SMOKE, f"output_dir={root / 'run'}", *digits_overrides(data, pool)]
     # The first driver joins this session's Ray, so killing it leaves the cluster running, as a
     # crashed `ray job` driver would.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,

@@ -75,6 +75,7 @@ def smoke(ray_session, digits, tmp_path_factory):
         yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
                "summary_path": root / "run" / "summary.json", "console": console.getvalue(),
                "killed_console": "".join(seen), "killed_code": first.returncode}
+    shutil.rmtree(FIXED_DATA, ignore_errors=True)
 
 
 def _summary(smoke):

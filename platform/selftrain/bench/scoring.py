@@ -206,12 +206,10 @@ def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig)
     return drain(infer(rows, model_dir, cfg, scorer=TimedScorer), time.perf_counter())
 
 
-def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int,
-                        use_gpu: bool) -> dict[str, float]:
+def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> dict[str, float]:
     """Bytes -> decode in Ray CPU tasks (as `stages.score.score`) -> the same actor pool."""
     start = time.perf_counter()
-    rows = decoded(encoded, size, from_paths=False, rows_per_task=rows_per_task(cfg, use_gpu, size))
-    return drain(infer(rows, model_dir, cfg, scorer=TimedScorer), start)
+    return drain(infer(decoded(encoded, size, from_paths=False, cfg=cfg), model_dir, cfg, scorer=TimedScorer), start)
 
 
 class GpuDecodeScorer(TimedScorer):
@@ -283,7 +281,7 @@ def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: Sc
             "first_batch_seconds": before["first_batch_seconds"]}
     del rows
     encoded = materialised_bytes(jpegs, cfg.batch_size)
-    cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size, use_gpu)
+    cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size)
     files = pool_pass(model_dir, jpegs, cfg, size, tmp_root)
     result = {
         "images": count, "scored": pipeline["images"],

@@ -30,7 +30,7 @@ from selftrain.evaluation.knn import knn_accuracy
 from selftrain.evaluation.linear_probe import linear_probe_accuracy
 from selftrain.models.backbone import strip_classifier
 from selftrain.stages.evaluate import evaluate
-from selftrain.stages.score import TeacherScorer, decoded, infer, rows_per_task, wants_gpu
+from selftrain.stages.score import TeacherScorer, decoded, infer
 from selftrain.stages.train import train_model, training_streams
 from selftrain.training.loop import SPEC_FILE
 
@@ -55,8 +55,7 @@ def extract_features(images: pd.DataFrame, model_dir: str, cfg: ScoringConfig, i
                      parquet_column: str = "image") -> pd.DataFrame:
     """`images` (`path`, `label`, any other columns) with `features` (a vector per row), the
     unreadable rows dropped; in one pass through the actor pool."""
-    rows = decoded(ray.data.from_pandas(images), image_size, from_paths=True, parquet_column=parquet_column,
-                   rows_per_task=rows_per_task(cfg, wants_gpu(cfg.use_gpu), image_size))
+    rows = decoded(ray.data.from_pandas(images), image_size, from_paths=True, cfg=cfg, parquet_column=parquet_column)
     out = infer(rows, model_dir, cfg, scorer=FeatureExtractor).to_pandas()
     out = out[out["error"] == ""]
     if out.empty:

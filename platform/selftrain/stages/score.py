@@ -247,19 +247,17 @@ def score(
     """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`.
     `tta` only from `score_pool`: the test set (`evaluate`) is scored on the plain image;
     `progress` (`console.progress_task`) posts each batch to the CLI's progress board."""
-    rows = decoded(rows, image_size, from_paths, parquet_column, rows_per_task(cfg, wants_gpu(cfg.use_gpu), image_size))
-    return infer(rows, model_dir, cfg, **({"tta": tuple(tta)} if tta else {}),
-                 **({"progress": progress} if progress else {}))
+    return infer(decoded(rows, image_size, from_paths, cfg, parquet_column), model_dir, cfg,
+                 **({"tta": tuple(tta)} if tta else {}), **({"progress": progress} if progress else {}))
 
 
-def decoded(rows: ray.data.Dataset, image_size: int, from_paths: bool, parquet_column: str = "image",
-            rows_per_task: int = 64) -> ray.data.Dataset:
+def decoded(rows: ray.data.Dataset, image_size: int, from_paths: bool, cfg: ScoringConfig,
+            parquet_column: str = "image") -> ray.data.Dataset:
     """Lazy: rows of file paths (`from_paths`) or of bytes -> decoded `{image, error, ...}` in CPU
-    tasks of `rows_per_task` rows (the blocks the scoring actor then takes a task at a time)."""
-    if from_paths:
-        return rows.map_batches(load_batch, fn_kwargs={"size": image_size, "parquet_column": parquet_column},
-                                batch_size=rows_per_task, num_cpus=0.5)
-    return rows.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=rows_per_task, num_cpus=0.5)
+    tasks of `rows_per_task` rows (the blocks the scoring actor of `cfg` then takes a task at a time)."""
+    load, kwargs = (load_batch, {"parquet_column": parquet_column}) if from_paths else (decode_batch, {})
+    return rows.map_batches(load, fn_kwargs={"size": image_size, **kwargs}, num_cpus=0.5,
+                            batch_size=rows_per_task(cfg, wants_gpu(cfg.use_gpu), image_size))
 
 
 def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer: type = TeacherScorer,

@@ -15,10 +15,10 @@ def _kept(confidences: dict[int, np.ndarray]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sample(frac=1.0, random_state=0)  # classes interleaved
 
 
-def _balanced(kept: pd.DataFrame, k: int, seed: int = 0) -> pd.DataFrame:
+def _balanced(kept: pd.DataFrame, k: int, seed: int = 0, root: str = "/pool") -> pd.DataFrame:
     counts = np.bincount(kept["prediction"], minlength=3).tolist()
     dataset = ray.data.from_pandas(kept).repartition(7)  # several blocks, as a scored pool has
-    return balancing.balance(dataset, counts, k, seed).to_pandas()
+    return balancing.balance(dataset, counts, k, seed, root).to_pandas()
 
 
 def test_top_k_and_duplicates_are_exact_per_class(ray_session):
@@ -33,6 +33,23 @@ def test_top_k_and_duplicates_are_exact_per_class(ray_session):
     again = _balanced(kept, k=100)
     assert sorted(again["path"]) == sorted(out["path"])  # the seed fixes which rows repeat
     assert sorted(_balanced(kept, k=100, seed=5)["path"]) != sorted(out["path"])
+
+
+def test_the_same_pool_in_another_folder_repeats_the_same_images(ray_session):
+    """Which images of a short class get a copy more (and how ties split) is drawn from their
+    paths below the pool's root, so a pool copied or mounted elsewhere gives the same labels."""
+    rng = np.random.default_rng(3)
+    kept = _kept({0: np.ones(120), 1: rng.random(40), 2: rng.random(25)})  # class 0: all tied
+    moved = kept.assign(path="/mnt/elsewhere" + kept["path"])
+
+    def copies(out: pd.DataFrame, prefix: str) -> pd.Series:
+        return out["path"].str.removeprefix(prefix).value_counts().sort_index()
+
+    here = copies(_balanced(kept, k=100), "")
+    assert (here == 3).sum() == 100 % 40 + 100 % 25  # short classes: some rows thrice
+    assert copies(_balanced(moved, k=100, root="/mnt/elsewhere/pool"), "/mnt/elsewhere").equals(here)
+    # Ranked by the whole path instead (what this replaced), the moved pool repeats other images.
+    assert not copies(_balanced(moved, k=100, root=""), "/mnt/elsewhere").equals(here)
 
 
 def test_skewed_and_tied_confidences_need_radix_passes(ray_session, monkeypatch):

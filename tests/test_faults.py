@@ -22,7 +22,7 @@ from selftrain.config import load_config
 from selftrain.data.folders import load_labeled_sets
 from selftrain.stages.train import train_model, training_streams
 
-from conftest import REPO, wait_for
+from conftest import REPO, digits_overrides, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -133,30 +133,39 @@ def test_sigterm_during_training_marks_the_runs_killed_and_exits_143(tmp_path):
 
 def test_the_same_config_and_seed_give_the_same_pool_index_and_the_same_weights(ray_session, digits, tmp_path):
     """An online method (FlexMatch: weak and strong views of the pool made in Ray Data tasks, a
-    labeled stream repeated and keyed) trained twice from scratch ends on the same weights."""
+    labeled stream repeated and keyed) trained twice from scratch ends on the same weights, the
+    second time on a copy of the data in another folder: rows are seeded by their paths below
+    the data's roots, not by where the data lies."""
+    import shutil
+
     import pandas as pd
 
+    from selftrain.data.builtin import DataPaths
     from selftrain.stages.pool_index import index_pool
 
-    # The quickstart's teacher, briefly: FlexMatch (its warm-up keeps every pool image in the
-    # loss from the first step) at mu 7 and batch 32, so the pool's views are made by several
-    # tasks at once; at mu 2 and batch 16 two runs happened to agree even with the views
-    # arriving in the order their tasks finished (Ray Train's ingest default).
-    cfg = load_config(str(REPO / "pipelines" / "quickstart.yaml"), [
-        "train.teacher_epochs=1", "train.steps_per_epoch=10", f"output_dir={tmp_path}"])
-    sets = load_labeled_sets(digits.labeled, digits.test, cfg.data.image_size)
-    spec = {"num_classes": 10, "classes": sets.classes, "image_size": cfg.data.image_size}
-    indexes = [index_pool(str(digits.unlabeled), "image", None, cfg.data.image_size, tmp_path / f"pool{i}", cfg.seed)
-               for i in range(2)]
-    first, second = (pd.read_parquet(i["dir"]).sort_values("index")["path"].tolist() for i in indexes)
-    assert first == second and len(first) > 1000  # the same shuffle, numbered the same
-    weights = []
-    for run in range(2):
-        streams = training_streams(cfg, cfg.teacher, sets.labeled, 10, None, indexes[0])
+    moved = tmp_path / "moved" / "digits"
+    for role in ("labeled", "unlabeled", "test"):
+        shutil.copytree(getattr(digits, role), moved / role)
+    copy = DataPaths(str(moved / "labeled"), str(moved / "unlabeled"), str(moved / "test"), True)
+    orders, weights = [], []
+    for run, data in enumerate([digits, copy]):
+        # The quickstart's teacher, briefly: FlexMatch (its warm-up keeps every pool image in the
+        # loss from the first step) at mu 7 and batch 32, so the pool's views are made by several
+        # tasks at once; at mu 2 and batch 16 two runs happened to agree even with the views
+        # arriving in the order their tasks finished (Ray Train's ingest default).
+        cfg = load_config(str(REPO / "pipelines" / "quickstart.yaml"), [
+            "train.teacher_epochs=1", "train.steps_per_epoch=10", f"output_dir={tmp_path}", *digits_overrides(data)])
+        sets = load_labeled_sets(data.labeled, data.test, cfg.data.image_size)
+        spec = {"num_classes": 10, "classes": sets.classes, "image_size": cfg.data.image_size}
+        index = index_pool(str(data.unlabeled), "image", None, cfg.data.image_size, tmp_path / f"pool{run}", cfg.seed)
+        paths = pd.read_parquet(index["dir"]).sort_values("index")["path"]
+        orders.append(paths.str.removeprefix(str(data.unlabeled)).tolist())
+        streams = training_streams(cfg, cfg.teacher, sets.labeled, 10, None, index)
         trained = train_model(cfg, f"run{run}", "cnn_tiny", streams, spec, student=False,
                               out_dir=tmp_path / f"run{run}", seed=0)
         weights.append(torch.load(Path(trained.model_dir) / "model.pt", weights_only=True))
         assert trained.history[-1]["unsup/mask_rate"] > 0.5  # the strong views move the weights
+    assert orders[0] == orders[1] and len(orders[0]) > 1000  # the same shuffle, numbered the same
     differing = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
     assert not differing, f"two runs with one seed differ in {differing}"
 

@@ -99,11 +99,29 @@ def _submit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         time.sleep(2)
 
 
-def test_smoke_pipeline_runs_as_a_ray_job_on_the_submitted_cluster(head_node, digits, tmp_path):
+def _job_status(head_node: str, job: str, timeout: float) -> str:
+    """The job's status once it ended (succeeded, failed or stopped), lower case."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = _ray("job", "status", "--address", head_node, job)
+        status = (answer.stdout + answer.stderr).lower()
+        if any(word in status for word in ("succeeded", "failed", "stopped")):
+            return status
+        assert time.monotonic() < deadline, f"job {job} still running: {status[-500:]}"
+        time.sleep(3)
+
+
+def test_a_ray_job_stopped_mid_training_resumes_when_submitted_again(head_node, digits, tmp_path):
+    """The README's `ray job submit --working-dir . -- selftrain run pipelines/smoke.yaml`, stopped
+    with `ray job stop` while the teacher trains, then the same command submitted again.
+
+    `ray job stop` makes Ray's job supervisor send SIGTERM to the entry point (SIGKILL follows
+    after RAY_JOB_STOP_WAIT_TIME_S, 3 s by default): selftrain marks its MLflow runs KILLED before
+    that and says how to resume. The second job joins the cluster, resumes the same MLflow runs
+    and finishes them."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     output = tmp_path / "run"
-    submitted = _submit(
-        "job", "submit", "--address", head_node, "--submission-id", "selftrain-smoke", "--no-wait",
+    command = [
         "--working-dir", str(REPO),  # uploaded to the cluster; the job starts inside it
         "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}}), "--",
         "selftrain", "run", "pipelines/smoke.yaml",
@@ -111,19 +129,36 @@ def test_smoke_pipeline_runs_as_a_ray_job_on_the_submitted_cluster(head_node, di
         f"data.test={digits.test}", "name=smoke-job",
         # The job's plumbing is under test, not learning: the teacher alone, briefly.
         "iterations=0", "train.teacher_epochs=3",
-    )
+    ]
+    submitted = _submit("job", "submit", "--address", head_node, "--submission-id", "stopped", "--no-wait", *command)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
-    deadline = time.monotonic() + 480
-    while True:
-        answer = _ray("job", "status", "--address", head_node, "selftrain-smoke")
-        status = (answer.stdout + answer.stderr).lower()
-        if any(word in status for word in ("succeeded", "failed", "stopped")):
-            break
-        assert time.monotonic() < deadline, f"job still running: {status[-500:]}"
-        time.sleep(3)
-    logs = _ray("job", "logs", "--address", head_node, "selftrain-smoke").stdout
-    assert "job 'selftrain-smoke' succeeded" in status, logs[-3000:]
+    deadline = time.monotonic() + 300
+    # Stopped as soon as Ray Train starts the teacher: its first epoch is seconds away.
+    while "training teacher" not in (logs := _ray("job", "logs", "--address", head_node, "stopped").stdout):
+        assert "epoch 1/3" not in logs and time.monotonic() < deadline, f"not stopped in training: {logs[-2000:]}"
+        time.sleep(1)
+    stopped = _ray("job", "stop", "--address", head_node, "stopped", timeout=120)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "stopped" in _job_status(head_node, "stopped", 60)
+    logs = _ray("job", "logs", "--address", head_node, "stopped").stdout
+    assert "selftrain: terminated (SIGTERM); re-run the same command to resume" in logs, logs[-3000:]
+    assert "epoch 3/3" not in logs  # stopped mid-training, not after it
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("smoke-job").experiment_id
+    killed = {r.data.tags["selftrain.role"]: r for r in client.search_runs([experiment])}
+    assert {role: r.info.status for role, r in killed.items()} == {"pipeline": "KILLED", "teacher": "KILLED"}
+
+    submitted = _submit("job", "submit", "--address", head_node, "--submission-id", "again", "--no-wait", *command)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    status = _job_status(head_node, "again", 480)
+    logs = _ray("job", "logs", "--address", head_node, "again").stdout
+    assert "job 'again' succeeded" in status, logs[-3000:]
+    assert f"resuming {output}" in logs
     assert "final student vs teacher" in logs and "[iteration 0] teacher cnn_tiny: epoch 3/3" in logs
+    # The same two MLflow runs, reopened and finished: none left KILLED, none added.
+    finished = {r.data.tags["selftrain.role"]: r for r in client.search_runs([experiment])}
+    assert {role: r.info.run_id for role, r in finished.items()} == {role: r.info.run_id for role, r in killed.items()}
+    assert {r.info.status for r in finished.values()} == {"FINISHED"}
     # The entry point joined the cluster it was submitted to instead of starting its own; what Ray
     # says of it is in the run's log file, not the job's log (the console keeps selftrain's lines).
     ray_log = "".join(p.read_text() for p in (output / "logs").glob("run-*.log"))
@@ -132,5 +167,5 @@ def test_smoke_pipeline_runs_as_a_ray_job_on_the_submitted_cluster(head_node, di
     # `pipelines/smoke.yaml` is relative: it resolved only because the job ran in the uploaded --working-dir.
     summary = json.loads((output / "summary.json").read_text())
     assert summary["tracking_uri"] == store and summary["tracking_errors"] == []
-    run = MlflowClient(store).get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "run"

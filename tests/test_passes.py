@@ -8,7 +8,7 @@ import ray
 
 from selftrain.config import NoiseConfig
 from selftrain.data.augment import augment_images, strong_transform, train_transform
-from selftrain.seeds import seed_of
+from selftrain.seeds import relative_key, seed_of
 from selftrain.stages.passes import row_seeds, stream_passes_actor
 
 
@@ -56,3 +56,24 @@ def test_what_ray_trains_helpers_unpickle_imports_no_torch():
              "print(sorted(m for m in ('torch', 'torchvision', 'selftrain.training.loop') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_a_rows_key_is_its_path_below_the_data_root(tmp_path, monkeypatch):
+    from selftrain.config import DataConfig
+    from selftrain.data.listing import data_roots
+
+    assert relative_key("/data/pool/a/b.png", "/data/pool") == "a/b.png"
+    assert relative_key("/data/pool/a/b.png", "/data/pool/") == "a/b.png"
+    assert relative_key("/data/poolside/b.png", "/data/pool") == "/data/poolside/b.png"  # not below it
+    assert relative_key("/data/pool.parquet#row=3", "/data/pool.parquet") == "pool.parquet#row=3"
+    assert relative_key("s3://bucket/pool/x.jpg", "s3://bucket/pool") == "x.jpg"
+    assert relative_key("/data/pool/a.png", "") == "/data/pool/a.png"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labeled").mkdir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    roots = data_roots(DataConfig(labeled="link", unlabeled="pool/**/*.png", test="t"))
+    assert roots == (str(tmp_path / "real"), str(tmp_path / "pool"))  # as the rows' paths name them
+    assert data_roots(DataConfig(labeled="l", unlabeled="s3://b/pool/*.jpg", test="t"))[1] == "s3://b/pool"
+    cache = data_roots(DataConfig(builtin="digits", cache_dir=str(tmp_path / "cache")))
+    assert cache == (str(tmp_path / "cache"),) * 2

@@ -6,11 +6,9 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +32,6 @@ from conftest import (REPO, chromium_path, copy_tree, digits_overrides, experime
                       page_data, tracking_uri_set, write_corrupt_files)
 
 SMOKE = str(REPO / "pipelines" / "smoke.yaml")
-FIXED_DATA = Path(tempfile.gettempdir()) / "selftrain-test-smoke-data"  # see the `smoke` fixture
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +40,11 @@ def smoke(ray_session, digits, tmp_path_factory):
     (no handler runs, as with the OOM killer) while it scores the pool; the same command again
     finishes the run. Every test below checks that resumed run."""
     root = tmp_path_factory.mktemp("smoke")
-    # Each row's augmentation seed includes its file's path, so the data sits at one fixed path:
-    # under pytest's numbered temp folders the seeded run's numbers moved from run to run (the
-    # student once ended 0.7 points under its teacher).
-    shutil.rmtree(FIXED_DATA, ignore_errors=True)
-    data = SimpleNamespace(labeled=copy_tree(digits.labeled, FIXED_DATA / "labeled"),
-                           test=copy_tree(digits.test, FIXED_DATA / "test"))
-    pool = copy_tree(digits.unlabeled, FIXED_DATA / "pool")
+    # Rows are seeded by their paths below the data's roots, so the seeded run's numbers are the
+    # same under any of pytest's numbered temp folders.
+    data = SimpleNamespace(labeled=copy_tree(digits.labeled, root / "data" / "labeled"),
+                           test=copy_tree(digits.test, root / "data" / "test"))
+    pool = copy_tree(digits.unlabeled, root / "data" / "pool")
     bad = write_corrupt_files(pool / "4")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = [SMOKE, f"output_dir={root / 'run'}", *digits_overrides(data, pool)]
@@ -75,7 +70,6 @@ def smoke(ray_session, digits, tmp_path_factory):
         yield {"code": code, "args": args, "root": root, "bad": bad, "client": MlflowClient(uri),
                "summary_path": root / "run" / "summary.json", "console": console.getvalue(),
                "killed_console": "".join(seen), "killed_code": first.returncode}
-    shutil.rmtree(FIXED_DATA, ignore_errors=True)
 
 
 def _summary(smoke):

@@ -30,6 +30,7 @@ from selftrain.config import PRETRAIN_KNOBS, MethodConfig, PipelineConfig
 from selftrain.console import LOGGER, end_task, progress_task
 from selftrain.data.builtin import DataPaths, materialize_builtin
 from selftrain.data.folders import LabeledSets, load_labeled_sets
+from selftrain.data.listing import data_roots
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError
 from selftrain.evaluation.test_predictions import CONFUSION_FILE, PREDICTIONS_FILE, evaluation_dir
@@ -206,7 +207,7 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
         try:
             directory, stats, rows = select_pseudo_labels(
                 scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
-                run.seed(iteration), meta, progress)
+                run.seed(iteration), meta, progress, pool_root=data_roots(run.cfg.data)[1])
         finally:
             end_task(progress)
         run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "

@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import ray.data
 
+from selftrain.seeds import relative_key
+
 RADIX_BITS = 16
 EDGE_ROWS = 2_000  # the most rows per class that reach the driver (bounded, whatever the pool)
 
@@ -47,10 +49,12 @@ def plans(kept_per_class: list[int], k: int) -> dict[int, ClassPlan]:
     return out
 
 
-def rank_keys(batch: pd.DataFrame, by_confidence: np.ndarray, seed: int) -> np.ndarray:
+def rank_keys(batch: pd.DataFrame, by_confidence: np.ndarray, seed: int, root: str) -> np.ndarray:
     """uint64 per row, lower ranks first. Confidence rows: the inverted float32 bit pattern
-    (monotone for non-negative floats) in the high 32 bits, hash bits below as a tie-break."""
-    hashed = pd.util.hash_pandas_object(batch["path"].astype(str), index=False,
+    (monotone for non-negative floats) in the high 32 bits, hash bits below as a tie-break.
+    The hash is of the path below the pool's `root`: the same wherever the pool lies."""
+    below_root = batch["path"].astype(str).map(lambda path: relative_key(path, root))
+    hashed = pd.util.hash_pandas_object(below_root, index=False,
                                         hash_key=f"{seed % 10**16:016d}").to_numpy(dtype=np.uint64)
     bits = batch["confidence"].to_numpy(np.float32).view(np.uint32).astype(np.uint64)
     by_conf = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | (hashed >> np.uint64(32))
@@ -68,10 +72,10 @@ class _Search:
     rows: int = 0  # how many rows share the prefix
 
 
-def _keys(batch: pd.DataFrame, plan_of: dict[int, ClassPlan], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _keys(batch: pd.DataFrame, plan_of: dict[int, ClassPlan], seed: int, root: str) -> tuple[np.ndarray, np.ndarray]:
     classes = batch["prediction"].to_numpy()
     by_confidence = np.array([plan_of[c].by_confidence if c in plan_of else True for c in classes], dtype=bool)
-    return classes, rank_keys(batch, by_confidence, seed)
+    return classes, rank_keys(batch, by_confidence, seed, root)
 
 
 def _in_search(classes: np.ndarray, keys: np.ndarray, search: dict[int, _Search]) -> np.ndarray:
@@ -84,8 +88,8 @@ def _in_search(classes: np.ndarray, keys: np.ndarray, search: dict[int, _Search]
     return inside
 
 
-def _histogram(batch: pd.DataFrame, plan_of, seed: int, search: dict[int, _Search]) -> pd.DataFrame:
-    classes, keys = _keys(batch, plan_of, seed)
+def _histogram(batch: pd.DataFrame, plan_of, seed: int, root: str, search: dict[int, _Search]) -> pd.DataFrame:
+    classes, keys = _keys(batch, plan_of, seed, root)
     inside = _in_search(classes, keys, search)
     shifts = np.array([64 - search[c].bits - RADIX_BITS if c in search else 0 for c in classes[inside]], dtype=np.uint64)
     digits = (keys[inside] >> shifts) & np.uint64(2**RADIX_BITS - 1)
@@ -93,8 +97,8 @@ def _histogram(batch: pd.DataFrame, plan_of, seed: int, search: dict[int, _Searc
     return pd.DataFrame({"prediction": pairs[0], "digit": pairs[1], "count": counts})
 
 
-def _edge_rows(batch: pd.DataFrame, plan_of, seed: int, search: dict[int, _Search]) -> pd.DataFrame:
-    classes, keys = _keys(batch, plan_of, seed)
+def _edge_rows(batch: pd.DataFrame, plan_of, seed: int, root: str, search: dict[int, _Search]) -> pd.DataFrame:
+    classes, keys = _keys(batch, plan_of, seed, root)
     inside = _in_search(classes, keys, search)
     return pd.DataFrame({"prediction": classes[inside], "key": keys[inside],
                          "path": batch["path"][inside].astype(str).to_numpy()})
@@ -116,8 +120,8 @@ def _narrow(columns: ray.data.Dataset, args: dict[str, Any], search: dict[int, _
             s.rows = int(mine["count"].iloc[at])
 
 
-def _select(batch: pd.DataFrame, plan_of, seed: int, cutoff: dict[int, tuple[int, str]]) -> pd.DataFrame:
-    classes, keys = _keys(batch, plan_of, seed)
+def _select(batch: pd.DataFrame, plan_of, seed: int, root: str, cutoff: dict[int, tuple[int, str]]) -> pd.DataFrame:
+    classes, keys = _keys(batch, plan_of, seed, root)
     copies = np.zeros(len(batch), dtype=np.int64)
     for i, (c, key, path) in enumerate(zip(classes, keys, batch["path"].astype(str))):
         if c in plan_of:
@@ -125,10 +129,11 @@ def _select(batch: pd.DataFrame, plan_of, seed: int, cutoff: dict[int, tuple[int
     return batch.iloc[np.repeat(np.arange(len(batch)), copies)]
 
 
-def balance(kept: ray.data.Dataset, kept_per_class: list[int], k: int, seed: int) -> ray.data.Dataset:
-    """Lazy: exactly k rows for every class that kept any (the search passes run now)."""
+def balance(kept: ray.data.Dataset, kept_per_class: list[int], k: int, seed: int, root: str) -> ray.data.Dataset:
+    """Lazy: exactly k rows for every class that kept any (the search passes run now). Rows
+    are ranked by their paths below the pool's `root`."""
     plan_of = plans(kept_per_class, k)
-    args: dict[str, Any] = {"plan_of": plan_of, "seed": seed}
+    args: dict[str, Any] = {"plan_of": plan_of, "seed": seed, "root": root}
     columns = kept.select_columns(["prediction", "confidence", "path"])
     search = {c: _Search(need=p.extra, rows=kept_per_class[c]) for c, p in plan_of.items() if p.extra}
     _narrow(columns, args, search)

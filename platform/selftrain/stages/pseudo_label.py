@@ -154,9 +154,10 @@ def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -
 
 def select_pseudo_labels(
     scores_dir: str, cfg: PseudoLabelConfig, classes: list[str], out_dir: Path, seed: int,
-    meta: dict[str, Any], progress: dict[str, Any] | None = None,
+    meta: dict[str, Any], progress: dict[str, Any] | None = None, pool_root: str = "",
 ) -> tuple[str, PoolStats, int]:
     """Write `out_dir/pseudo_labels/`; return its path, the pool stats and the rows written.
+    With `cfg.balance`, rows are ranked by their paths below `pool_root` (`data.listing.data_roots`).
 
     Each `meta` item becomes a constant column (provenance: teacher, iteration, threshold,
     temperature, ...); `meta["tta"]`, the `scoring.tta` list that scored the pool, is written
@@ -170,7 +171,7 @@ def select_pseudo_labels(
     rows = stats.kept
     if cfg.balance:
         k = cfg.per_class or default_per_class(pd.Series(stats.kept_per_class))
-        kept = balance(kept, stats.kept_per_class, k, seed)
+        kept = balance(kept, stats.kept_per_class, k, seed, pool_root)
         rows = k * sum(1 for n in stats.kept_per_class if n > 0)
     labels = kept.map_batches(_to_pseudo_labels, batch_format="pandas",
                               fn_kwargs={"cfg": cfg, "meta": meta})

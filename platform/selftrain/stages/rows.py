@@ -17,6 +17,7 @@ from ray.train import UserCallback
 from selftrain.config import NoiseConfig
 from selftrain.console import post
 from selftrain.data.decode import load_batch
+from selftrain.seeds import relative_key
 from selftrain.stages.failed_images import report_failed
 from selftrain.stages.passes import other_view, row_seeds
 
@@ -68,9 +69,10 @@ def contrastive_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop
             "view1": augment_images(images, transform, seeds=other_view(seeds))}
 
 
-def keyed(batch: dict[str, Any], repeat: int) -> dict[str, Any]:
-    """A row's key, which seeds its augmentation: its path and which repeat of it this is."""
-    batch["key"] = np.array([f"{path}|{repeat}" for path in batch["path"]], dtype=object)
+def keyed(batch: dict[str, Any], repeat: int, root: str) -> dict[str, Any]:
+    """A row's key, which seeds its augmentation: its path below the data's `root` (the same
+    wherever the data lies) and which repeat of it this is."""
+    batch["key"] = np.array([f"{relative_key(path, root)}|{repeat}" for path in batch["path"]], dtype=object)
     return batch
 
 

@@ -24,7 +24,9 @@ from ray.train.torch import TorchTrainer
 
 from selftrain.config import MethodConfig, PipelineConfig
 from selftrain.console import progress_board
+from selftrain.data.listing import data_roots
 from selftrain.errors import TrainingError
+from selftrain.seeds import relative_key
 from selftrain.stages.failed_images import failed_images_actor, failed_images_report
 from selftrain.stages.passes import stream_passes_actor
 from selftrain.stages.rows import ProgressEpochs, keyed, pool_views, prepare_rows
@@ -77,14 +79,14 @@ def _repeated(rows: ray.data.Dataset, repeats: int) -> ray.data.Dataset:
     return once.union(*[once] * (repeats - 1))
 
 
-def keyed_repeats(rows: ray.data.Dataset, repeats: int, cpus: float) -> ray.data.Dataset:
-    """`_repeated`, each row with its `key` (path and repeat): ids only, materialised once when
-    repeated, so every pass reads the same blocks in the same order."""
+def keyed_repeats(rows: ray.data.Dataset, repeats: int, cpus: float, root: str) -> ray.data.Dataset:
+    """`_repeated`, each row with its `key` (path below `root`, and repeat): ids only,
+    materialised once when repeated, so every pass reads the same blocks in the same order."""
     rows = ordered(rows)  # before materialising: its blocks in order too
     if repeats == 1:
-        return rows.map_batches(keyed, fn_kwargs={"repeat": 0}, num_cpus=cpus)
+        return rows.map_batches(keyed, fn_kwargs={"repeat": 0, "root": root}, num_cpus=cpus)
     once = rows.materialize()
-    copies = [once.map_batches(keyed, fn_kwargs={"repeat": k}, num_cpus=cpus) for k in range(repeats)]
+    copies = [once.map_batches(keyed, fn_kwargs={"repeat": k, "root": root}, num_cpus=cpus) for k in range(repeats)]
     # The union that runs must keep the order itself (a materialized dataset does not carry its
     # source's `preserve_order`): otherwise the copies come in the order their tasks finish, the
     # same rows in the same places but with other repeat numbers in their keys, hence other seeds.
@@ -107,7 +109,7 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     cpus = cfg.train.data_cpus_per_task
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
-    index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus)
+    index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus, data_roots(cfg.data)[1])
     return index.map_batches(pool_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
                                                  "parquet_column": cfg.data.parquet_image_column,
                                                  "failed_images": failed_images, "passes": passes, "seed": cfg.seed},
@@ -147,13 +149,15 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
                "passes": passes, "seed": cfg.seed}
     labeled = pd.concat([labeled] * repeats, ignore_index=True)
     one_hot = np.eye(num_classes, dtype=np.float32)[labeled["label"].to_numpy()]
-    keys = [f"{path}|{row}" for row, path in enumerate(labeled["path"])]  # seeds each row's augmentation
+    labeled_root, pool_root = data_roots(cfg.data)
+    # Seeds each row's augmentation: the same wherever the data lies.
+    keys = [f"labeled:{relative_key(path, labeled_root)}|{row}" for row, path in enumerate(labeled["path"])]
     labeled_rows = ray.data.from_pandas(pd.DataFrame({"path": labeled["path"], "key": keys, "target": list(one_hot)}))
     dataset = labeled_rows.map_batches(prepare_rows, fn_kwargs={**prepare, "target_column": "target"},
                                        batch_size=64, num_cpus=cpus)
     if pseudo_dir:
         pseudo = ray.data.read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
-        dataset = dataset.union(keyed_repeats(pseudo, repeats, cpus).map_batches(
+        dataset = dataset.union(keyed_repeats(pseudo, repeats, cpus, pool_root).map_batches(
             prepare_rows, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
     return dataset.randomize_block_order(seed=cfg.seed)
 

@@ -46,15 +46,19 @@ def _latest_checkpoint(storage: Path) -> str | None:
     return latest["checkpoint_dir_name"] if latest else None
 
 
-def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, digits, tmp_path):
-    """SIGKILL the Ray Train worker once its first checkpoint is committed: Ray Train starts a new
-    worker, the loop resumes after that checkpoint, every epoch is in the history once, and the
-    final weights equal those of an uninterrupted run with the same seed."""
-    epochs = 4
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, digits, tmp_path, workers):
+    """SIGKILL a Ray Train worker once the first checkpoint is committed: Ray Train starts a new
+    worker group, the loop resumes after that checkpoint, every epoch is in the history once, and
+    the final weights equal those of an uninterrupted run with the same seed. With 2 workers
+    (DDP over gloo, each rank its own seeded stream) the whole group restarts from the checkpoint."""
+    epochs = 3
+    ddp = [] if workers == 1 else ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.data_cpus_per_task=0.25",
+                                   "train.batch_size=16"]
     cfg = load_config(str(REPO / "pipelines" / "fixmatch.yaml"), [
         "teacher.method=supervised", "model.teacher=cnn_tiny", f"train.teacher_epochs={epochs}",
-        "train.steps_per_epoch=60", "train.max_failures=1", "train.checkpoint_every=1",
-        f"output_dir={tmp_path}"])
+        "train.steps_per_epoch=30", "train.max_failures=1", "train.checkpoint_every=1",
+        f"output_dir={tmp_path}", *ddp])
     sets = load_labeled_sets(digits.labeled, digits.test, cfg.data.image_size)
     streams = training_streams(cfg, cfg.teacher, sets.labeled, len(sets.classes), None, None)
     spec = {"num_classes": 10, "classes": sets.classes, "image_size": cfg.data.image_size}
@@ -75,12 +79,11 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray
     # killed between the upload and the registration restarts from scratch, as it should.
     committed = wait_for(lambda: _latest_checkpoint(storage), 240, "the first committed checkpoint")
     saved = json.loads((storage / committed / "history.json").read_text())  # the epochs it holds
-    victims = wait_for(_train_worker_pids, 30, "a live RayTrainWorker")
-    assert len(victims) == 1
-    victim = victims.pop()
+    victims = wait_for(lambda: len(pids := _train_worker_pids()) == workers and pids, 30, "the live RayTrainWorkers")
+    victim = max(victims)  # one of them: with DDP, its peer is stopped and both restart
     os.kill(victim, signal.SIGKILL)
     # A new worker process takes over (had the run ended before the kill, none would come).
-    wait_for(lambda: _train_worker_pids() - {victim}, 120, "a restarted RayTrainWorker")
+    wait_for(lambda: _train_worker_pids() - victims, 120, "a restarted RayTrainWorker")
     thread.join(timeout=300)
 
     assert "error" not in result, f"the run did not survive the kill: {result.get('error')!r}"

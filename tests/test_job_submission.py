@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -64,7 +65,7 @@ def head_node():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_job_api(address, head)
-        yield address
+        yield SimpleNamespace(address=address, logs=Path(temp_dir) / "session_latest" / "logs")
     finally:
         head.terminate()  # --block: the head takes its Ray processes down with it
         try:
@@ -99,16 +100,26 @@ def _submit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         time.sleep(2)
 
 
-def _job_status(head_node: str, job: str, timeout: float) -> str:
-    """The job's status once it ended (succeeded, failed or stopped), lower case."""
+def _job_status(head_node: SimpleNamespace, job: str, timeout: float) -> str:
+    """The job's status once it ended (succeeded, failed or stopped), lower case. Asked every
+    5 s: each `ray job status` is a Python process that imports Ray, seconds of CPU on 2 cores."""
     deadline = time.monotonic() + timeout
     while True:
-        answer = _ray("job", "status", "--address", head_node, job)
+        answer = _ray("job", "status", "--address", head_node.address, job)
         status = (answer.stdout + answer.stderr).lower()
         if any(word in status for word in ("succeeded", "failed", "stopped")):
             return status
         assert time.monotonic() < deadline, f"job {job} still running: {status[-500:]}"
-        time.sleep(3)
+        time.sleep(5)
+
+
+def _driver_log(head_node: SimpleNamespace, job: str) -> str:
+    """What the job's entry point has printed so far, read from the head's log folder (what
+    `ray job logs` serves), so waiting for a line costs no process per look."""
+    try:
+        return (head_node.logs / f"job-driver-{job}.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def test_a_ray_job_stopped_mid_training_resumes_when_submitted_again(head_node, digits, tmp_path):
@@ -130,17 +141,18 @@ def test_a_ray_job_stopped_mid_training_resumes_when_submitted_again(head_node, 
         # The job's plumbing is under test, not learning: the teacher alone, briefly.
         "iterations=0", "train.teacher_epochs=3",
     ]
-    submitted = _submit("job", "submit", "--address", head_node, "--submission-id", "stopped", "--no-wait", *command)
+    submitted = _submit("job", "submit", "--address", head_node.address, "--submission-id", "stopped", "--no-wait",
+                        *command)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     deadline = time.monotonic() + 300
     # Stopped as soon as Ray Train starts the teacher: its first epoch is seconds away.
-    while "training teacher" not in (logs := _ray("job", "logs", "--address", head_node, "stopped").stdout):
+    while "training teacher" not in (logs := _driver_log(head_node, "stopped")):
         assert "epoch 1/3" not in logs and time.monotonic() < deadline, f"not stopped in training: {logs[-2000:]}"
-        time.sleep(1)
-    stopped = _ray("job", "stop", "--address", head_node, "stopped", timeout=120)
+        time.sleep(0.5)
+    stopped = _ray("job", "stop", "--address", head_node.address, "stopped", timeout=120)
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert "stopped" in _job_status(head_node, "stopped", 60)
-    logs = _ray("job", "logs", "--address", head_node, "stopped").stdout
+    logs = _ray("job", "logs", "--address", head_node.address, "stopped").stdout
     assert "selftrain: terminated (SIGTERM); re-run the same command to resume" in logs, logs[-3000:]
     assert "epoch 3/3" not in logs  # stopped mid-training, not after it
     client = MlflowClient(store)
@@ -148,10 +160,11 @@ def test_a_ray_job_stopped_mid_training_resumes_when_submitted_again(head_node, 
     killed = {r.data.tags["selftrain.role"]: r for r in client.search_runs([experiment])}
     assert {role: r.info.status for role, r in killed.items()} == {"pipeline": "KILLED", "teacher": "KILLED"}
 
-    submitted = _submit("job", "submit", "--address", head_node, "--submission-id", "again", "--no-wait", *command)
+    submitted = _submit("job", "submit", "--address", head_node.address, "--submission-id", "again", "--no-wait",
+                        *command)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     status = _job_status(head_node, "again", 480)
-    logs = _ray("job", "logs", "--address", head_node, "again").stdout
+    logs = _ray("job", "logs", "--address", head_node.address, "again").stdout
     assert "job 'again' succeeded" in status, logs[-3000:]
     assert f"resuming {output}" in logs
     assert "final student vs teacher" in logs and "[iteration 0] teacher cnn_tiny: epoch 3/3" in logs

@@ -59,3 +59,28 @@ def test_pseudo_labels_collapsing_onto_one_class_stop_the_run():
     _watch({"unsup/mask_rate": 0.5, "unsup/top_class_fraction": 0.85}, config, {}, epoch=1)  # below the limit
     with pytest.warns(UserWarning), pytest.raises(TrainingError, match="97% of epoch 2's pseudo-labels are one class"):
         _watch({"unsup/mask_rate": 0.5, "unsup/top_class_fraction": 0.97}, config, {}, epoch=2)
+
+
+def test_a_backbone_lr_scale_moves_the_backbone_that_much_less_and_the_classifier_the_same():
+    import copy
+
+    from selftrain.models.registry import build_model
+    from selftrain.training.loop import param_groups
+
+    torch.manual_seed(0)
+    model = build_model("cnn_tiny", 10, 0.0, 0.0)
+    images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
+    moved = {}
+    for scale in (1.0, 0.1):
+        trained = copy.deepcopy(model)
+        groups = param_groups(trained, 0.05, scale)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # each once
+        optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True)
+        torch.nn.functional.cross_entropy(trained(images), labels).backward()
+        optimizer.step()
+        moved[scale] = {n: (p - dict(model.named_parameters())[n]).abs().sum().item()
+                        for n, p in trained.named_parameters()}
+    head = ["fc.weight", "fc.bias"]  # cnn_tiny's classifier
+    for name, step in moved[1.0].items():
+        expected = step if name in head else 0.1 * step
+        assert moved[0.1][name] == pytest.approx(expected, rel=1e-3), name  # float32 differences

@@ -147,6 +147,10 @@ class TrainConfig(_Strict):
     steps_per_epoch: int | None = Field(
         None, ge=1, description="optimizer steps per epoch; default: one pass over the labeled (+ "
         "pseudo-labeled) rows, or for an online method one pass over the unlabeled pool")
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, le=1.0, description="a teacher on a pretrained or saved backbone (model.init): "
+        "the backbone's learning rate is train.lr times this, the new classifier's train.lr "
+        "(discriminative fine-tuning: a low scale keeps more of what pretraining learned)")
 
 
 PRETRAIN_METHOD_NAMES = ("simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "rotation", "jigsaw")

@@ -221,6 +221,7 @@ def train_model(
         "init_backbone_dir": init_backbone_dir if not student else None,
         "epochs": cfg.train.student_epochs if student else cfg.train.teacher_epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
+        "backbone_lr_scale": cfg.train.backbone_lr_scale if init_backbone_dir and not student else 1.0,
         "dropout": dropout, "stochastic_depth": cfg.noise.stochastic_depth if student else 0.0,
         "shuffle_buffer": cfg.train.shuffle_buffer, "amp": cfg.train.amp,
         "checkpoint_every": cfg.train.checkpoint_every,

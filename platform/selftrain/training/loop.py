@@ -47,7 +47,7 @@ from selftrain.errors import TrainingError
 from selftrain.fsio import atomic_torch_save, atomic_write_json
 from selftrain.evaluation.knn import knn_accuracy
 from selftrain.methods import METHODS, Batch
-from selftrain.models.backbone import load_backbone
+from selftrain.models.backbone import classifier_name, load_backbone
 from selftrain.models.registry import build_model
 from selftrain.pretraining import PRETRAIN_METHODS
 from selftrain.seeds import seed_of
@@ -269,6 +269,18 @@ def _watch(epoch_metrics: dict[str, float], config: dict[str, Any], streak: dict
                                 f"(max_empty_epochs={limit})")
 
 
+def param_groups(model: torch.nn.Module, lr: float, backbone_scale: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one at `lr`, or with `backbone_scale` < 1 (a teacher
+    fine-tuned from a pretrained backbone) the backbone at `lr * backbone_scale` and the
+    classifier at `lr`. The schedule scales each group's rate alike."""
+    if backbone_scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    head = classifier_name(model) + "."
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if not n.startswith(head)], "lr": lr * backbone_scale},
+            {"params": [p for n, p in named if n.startswith(head)], "lr": lr}]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -314,8 +326,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The optimizer is built after the model reaches its device, so restored momentum buffers
     # land there too (load_state_dict casts state to the parameters' device).
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
-                                weight_decay=config["weight_decay"])
+    optimizer = torch.optim.SGD(param_groups(model, config["lr"], config.get("backbone_lr_scale", 1.0)),
+                                lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total, warmup=min(per_epoch, total // 10 + 1)))
     start_epoch, history = 0, []

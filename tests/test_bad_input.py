@@ -240,7 +240,7 @@ def test_nan_and_inf_logits_are_never_pseudo_labels_and_are_counted_by_name(ray_
     pq.write_table(pa.Table.from_pandas(scores), tmp_path / "scores.parquet")
     cfg = PseudoLabelConfig(threshold=0.0, balance=False)  # 0.0: every finite row is kept
     directory, stats, rows = select_pseudo_labels(str(tmp_path / "scores.parquet"), cfg, ["a", "b", "c"],
-                                                  tmp_path / "one", seed=0, meta={})
+                                                  tmp_path / "one", seed=0, meta={}, pool_root="")
     assert sorted(pd.read_parquet(directory)["path"]) == ["p0", "p1", "p5"] and rows == 3
     assert (stats.scored, stats.non_finite_count, stats.rejected_count) == (3, 3, 0)
     assert [r["path"] for r in stats.non_finite] == ["p2", "p3", "p4"]

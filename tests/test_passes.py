@@ -74,6 +74,6 @@ def test_a_rows_key_is_its_path_below_the_data_root(tmp_path, monkeypatch):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     roots = data_roots(DataConfig(labeled="link", unlabeled="pool/**/*.png", test="t"))
     assert roots == (str(tmp_path / "real"), str(tmp_path / "pool"))  # as the rows' paths name them
-    assert data_roots(DataConfig(labeled="l", unlabeled="s3://b/pool/*.jpg", test="t"))[1] == "s3://b/pool"
+    assert data_roots(DataConfig(labeled="l", unlabeled="s3://b/pool/*.jpg", test="t")).pool == "s3://b/pool"
     cache = data_roots(DataConfig(builtin="digits", cache_dir=str(tmp_path / "cache")))
     assert cache == (str(tmp_path / "cache"),) * 2

@@ -125,7 +125,7 @@ def test_pseudo_labels_balanced_and_written_with_their_provenance(scored_pool, t
     scores_dir, bad, _ = scored_pool
     cfg = PseudoLabelConfig(threshold=0.0, temperature=2.0, balance=True, per_class=40)
     meta = {"teacher_id": "run-1", "teacher_model": "resnet18", "iteration": 1, "threshold": 0.0, "temperature": 2.0}
-    directory, stats, rows = select_pseudo_labels(scores_dir, cfg, CLASSES, tmp_path, seed=0, meta=meta)
+    directory, stats, rows = select_pseudo_labels(scores_dir, cfg, CLASSES, tmp_path, seed=0, meta=meta, pool_root="")
     labels = pd.read_parquet(directory)
     present = [c for c, n in enumerate(stats.kept_per_class) if n > 0]
     assert stats.scored == 1297 and stats.kept == 1297 and len(stats.rejected) == 3
@@ -142,7 +142,7 @@ def test_pseudo_labels_balanced_and_written_with_their_provenance(scored_pool, t
 def test_a_threshold_that_keeps_nothing_stops_with_the_reason(scored_pool, tmp_path):
     cfg = PseudoLabelConfig(threshold=0.99)
     with pytest.raises(PseudoLabelError, match=r"threshold=0.99 keeps 0 of 1297 pool images"):
-        select_pseudo_labels(scored_pool[0], cfg, CLASSES, tmp_path, seed=0, meta={})
+        select_pseudo_labels(scored_pool[0], cfg, CLASSES, tmp_path, seed=0, meta={}, pool_root="")
     assert not (tmp_path / "pseudo_labels").exists()
 
 
@@ -154,7 +154,7 @@ def test_pseudo_labels_collapsed_onto_one_class_stop(tmp_path, ray_session):
     pq.write_table(pa.Table.from_pandas(table), tmp_path / "scores.parquet")
     with pytest.raises(PseudoLabelError, match=r"collapsed onto one class \('b': all 20 kept images\)"):
         select_pseudo_labels(str(tmp_path / "scores.parquet"), PseudoLabelConfig(), ["a", "b", "c"],
-                             tmp_path, seed=0, meta={})
+                             tmp_path, seed=0, meta={}, pool_root="")
 
 
 def test_parquet_pool_rows_are_addressed_by_file_and_row(ray_session, tmp_path, model_dir):

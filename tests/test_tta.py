@@ -192,7 +192,7 @@ def test_pseudo_labels_name_the_views_that_scored_them(ray_session, tmp_path):
     for tta, name in ([["flip", "shift"], "plain+flip+shift"], [[], "plain"]):
         meta = {"iteration": 1, "threshold": 0.5, "temperature": 1.0, "tta": tta}
         directory, _, rows = select_pseudo_labels(str(tmp_path / "scores.parquet"), PseudoLabelConfig(threshold=0.5),
-                                                  ["a", "b", "c"], tmp_path / name, seed=0, meta=meta)
+                                                  ["a", "b", "c"], tmp_path / name, seed=0, meta=meta, pool_root="")
         labels = pd.read_parquet(directory)
         assert rows == len(labels) == 20 and (labels["tta"] == name).all()
         soft = np.sort(np.stack(labels["soft_target"]), axis=1)  # softmax(log p) = p: no change needed

@@ -207,7 +207,7 @@ def pseudo_label_stage(run: Run, iteration: int, teacher: dict[str, Any], scores
         try:
             directory, stats, rows = select_pseudo_labels(
                 scores, cfg, run.sets.classes, fresh_dir(run.out / f"iter{iteration}" / "labels"),
-                run.seed(iteration), meta, progress, pool_root=data_roots(run.cfg.data)[1])
+                run.seed(iteration), meta, progress, pool_root=data_roots(run.cfg.data).pool)
         finally:
             end_task(progress)
         run.say(f"[iteration {iteration}] kept {stats.kept}/{stats.scored} pool images at "

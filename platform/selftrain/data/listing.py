@@ -26,7 +26,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -96,17 +96,22 @@ def _split_glob(spec: str) -> tuple[str, str | None]:
     return spec[:cut] if cut > 0 else "/" if cut == 0 else ".", spec[cut + 1:]
 
 
-def data_roots(data: Any) -> tuple[str, str]:
-    """(labeled root, pool root) of a `DataConfig`: the folders that rows' keys are taken
+class DataRoots(NamedTuple):
+    labeled: str
+    pool: str
+
+
+def data_roots(data: Any) -> DataRoots:
+    """The labeled and pool roots of a `DataConfig`: the folders that rows' keys are taken
     relative to (`seeds.relative_key`), as the rows' paths name them (the labeled root resolved,
     the pool's folder or URI as written, a glob's fixed part). A built-in dataset's folders lie
     in its cache."""
     if data.builtin:
         cache = str(Path(data.cache_dir).expanduser().resolve())
-        return cache, cache
+        return DataRoots(cache, cache)
     is_uri = "://" in data.unlabeled
     fixed, _ = _split_glob(data.unlabeled if is_uri else os.path.expanduser(data.unlabeled))
-    return str(Path(data.labeled).expanduser().resolve()), fixed if is_uri else os.path.abspath(fixed)
+    return DataRoots(str(Path(data.labeled).expanduser().resolve()), fixed if is_uri else os.path.abspath(fixed))
 
 
 def locate(spec: str) -> PoolLocation:

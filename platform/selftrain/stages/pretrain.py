@@ -32,7 +32,7 @@ def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_image
     cpus, pretrain = cfg.train.data_cpus_per_task, cfg.pretrain
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     paths = keyed_repeats(readable.select_columns(["path"]), _repeats(pool_index["rows"], pretrain.batch_size), cpus,
-                          data_roots(cfg.data)[1])
+                          data_roots(cfg.data).pool)
     return paths.map_batches(contrastive_views, fn_kwargs={
         "size": cfg.data.image_size, "noise": cfg.noise, "crop_scale_min": pretrain.crop_scale_min,
         "color_jitter": pretrain.color_jitter, "parquet_column": cfg.data.parquet_image_column,

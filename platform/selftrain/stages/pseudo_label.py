@@ -154,7 +154,7 @@ def check_usable(stats: PoolStats, cfg: PseudoLabelConfig, classes: list[str]) -
 
 def select_pseudo_labels(
     scores_dir: str, cfg: PseudoLabelConfig, classes: list[str], out_dir: Path, seed: int,
-    meta: dict[str, Any], progress: dict[str, Any] | None = None, pool_root: str = "",
+    meta: dict[str, Any], progress: dict[str, Any] | None = None, *, pool_root: str,
 ) -> tuple[str, PoolStats, int]:
     """Write `out_dir/pseudo_labels/`; return its path, the pool stats and the rows written.
     With `cfg.balance`, rows are ranked by their paths below `pool_root` (`data.listing.data_roots`).

@@ -109,7 +109,7 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     cpus = cfg.train.data_cpus_per_task
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
     readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
-    index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus, data_roots(cfg.data)[1])
+    index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus, data_roots(cfg.data).pool)
     return index.map_batches(pool_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
                                                  "parquet_column": cfg.data.parquet_image_column,
                                                  "failed_images": failed_images, "passes": passes, "seed": cfg.seed},

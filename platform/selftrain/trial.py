@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from selftrain.config import PipelineConfig, with_params
 from selftrain.data.builtin import DataPaths
+from selftrain.data.listing import data_roots
 from selftrain.data.pool import read_pool
 from selftrain.fsio import atomic_write_json
 from selftrain.models.registry import check_student_sizes
@@ -147,7 +149,7 @@ class _Trial:
         meta = {"teacher_model": arch, "iteration": iteration, "threshold": cfg.pseudo_label.threshold,
                 "temperature": cfg.pseudo_label.temperature, "tta": cfg.scoring.tta}
         labels, stats, rows = _outside_trial_bundle(
-            select_pseudo_labels, scores, cfg.pseudo_label, shared.classes,
+            partial(select_pseudo_labels, pool_root=data_roots(cfg.data).pool), scores, cfg.pseudo_label, shared.classes,
             fresh_dir(self.out / f"iter{iteration}" / "labels"), seed, meta)
         self.tracker.log_metrics(self.run_id, stats_metrics(stats, rows, shared.classes), step=iteration)
         streams = training_streams(cfg, cfg.students, shared.train, len(shared.classes),

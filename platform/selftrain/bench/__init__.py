@@ -110,8 +110,10 @@ def repeated(part: str, repeats: int, measure, say=print) -> dict[str, Any]:
     runs = []
     for attempt in range(repeats):
         runs.append(measure())
-        if repeats > 1:
-            say(f"   {part} run {attempt + 1}/{repeats}: {RATIO_OF[part]} {runs[-1][RATIO_OF[part]]:.3f}")
+        if repeats > 1:  # each run's rates too: a run cut short still leaves its numbers in the log
+            rates = ", ".join(f"{k} {v:,.1f}" for k, v in runs[-1].items() if k.endswith("_per_s") and isinstance(v, float))
+            say(f"   {part} run {attempt + 1}/{repeats}: {RATIO_OF[part]} {runs[-1][RATIO_OF[part]]:.3f}"
+                + (f" ({rates})" if rates else ""))
     key = RATIO_OF[part]
     middle = sorted(runs, key=lambda r: r[key])[len(runs) // 2]  # the median run (odd repeats)
     return {**middle, key: statistics.median(r[key] for r in runs), "repeats": [r[key] for r in runs]}

@@ -145,13 +145,17 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
             results["driver_memory"] = repeated("driver_memory", repeats, lambda: run_driver_memory(
                 sizes.pool_small, pool_model, sizes.pool_image_size, pool_cfg, tmp_root), say)
         if "scoring" in parts:
-            from selftrain.bench.scoring import run_scoring
+            from selftrain.bench.scoring import run_scoring, scoring_extras, scoring_input
 
             say(f"scoring: {sizes.scoring_arch} at {sizes.image_size} px, {sizes.scoring_images:,} images")
             scoring_model = _model_dir(models, sizes.scoring_arch, sizes.image_size)
-            results["scoring"] = repeated("scoring", repeats, lambda: run_scoring(
-                scoring_model, sizes.scoring_images, sizes.scoring_source_size, sizes.image_size, scoring,
-                use_gpu, tmp_root), say)
+            given = scoring_input(sizes.scoring_images, sizes.scoring_source_size, sizes.image_size, scoring)
+            results["scoring"] = repeated("scoring", repeats, lambda: run_scoring(scoring_model, given, scoring, use_gpu),
+                                          say)
+            say("scoring: from JPEG bytes, the pool pass from files" + (", nvJPEG" if use_gpu else "") + " (once)")
+            results["scoring"].update(scoring_extras(scoring_model, given, scoring, sizes.image_size, use_gpu,
+                                                     results["scoring"]["bare_images_per_s"], tmp_root))
+            del given
         if "training" in parts:
             from selftrain.bench.training import run_training
 

@@ -102,7 +102,7 @@ def run_plumbing(count: int, size: int, cfg: ScoringConfig,
                               "device_images_per_s": device_images_per_s, "by_concurrent_batches": {}}
     for calls in sorted(set(settings)):
         settings = cfg.model_copy(update={"use_gpu": False, "num_actors": 1, "concurrent_batches": calls})
-        rows = materialised_images(images, rows_per_task(settings, True, size))  # blocks as a GPU pass makes them
+        rows = materialised_images(images, rows_per_task(settings, size))  # blocks as a pool pass makes them
         result["by_concurrent_batches"][str(calls)] = device_utilisation(
             infer(rows, "", settings, scorer=StandInDevice, device_images_per_s=device_images_per_s))
     result["plumbing_ratio"] = result["by_concurrent_batches"][str(GPU_CONCURRENT_BATCHES)]["plumbing_ratio"]

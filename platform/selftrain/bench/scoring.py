@@ -11,7 +11,7 @@ load, actor start-up or warm-up counts (the time to the first batch is reported 
 actor -> logits streamed back to the driver. The bare loop is no straw man: on a GPU it copies
 through pinned memory without blocking and keeps one batch queued ahead of the one it reads.
 
-Also measured, not part of the ratio: the whole scoring pipeline from encoded JPEG bytes with
+Also measured, once beside the repeated ratio and not part of it: the whole scoring pipeline from encoded JPEG bytes with
 CPU decoding in Ray tasks (what a pool run gets), and, on a GPU, the same with JPEG decoding
 on the GPU inside the actor (`torchvision.io.decode_jpeg(device="cuda")`). And the end-to-end
 pool pass a pipeline runs, timed on the wall clock from the first file listed to the last
@@ -27,6 +27,7 @@ import io
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -266,38 +267,60 @@ def pool_pass(model_dir: str, jpegs: list[bytes], cfg: ScoringConfig, size: int,
             "images_per_s": passed["rows"] / passed["score_seconds"]}
 
 
-def run_scoring(model_dir: str, count: int, source_size: int, size: int, cfg: ScoringConfig,
-                use_gpu: bool, tmp_root: str | None = None) -> dict[str, Any]:
+@dataclass
+class ScoringInput:
+    """What every repeat of the scoring part reads, made once: the JPEGs, the same images
+    decoded, and those decoded images materialised in Ray's object store."""
+
+    jpegs: list[bytes]
+    images: np.ndarray
+    rows: ray.data.Dataset
+    cpu_decode_rate: float
+
+
+def scoring_input(count: int, source_size: int, size: int, cfg: ScoringConfig) -> ScoringInput:
     distinct = synthetic_jpegs(DISTINCT, source_size)
-    jpegs = [distinct[i % len(distinct)] for i in range(count)]
     images, cpu_decode_rate = decode_all(distinct, count, size)
-    rows = materialised_images(images, rows_per_task(cfg, use_gpu, size))
+    return ScoringInput([distinct[i % len(distinct)] for i in range(count)], images,
+                        materialised_images(images, rows_per_task(cfg, size)), cpu_decode_rate)
+
+
+def run_scoring(model_dir: str, given: ScoringInput, cfg: ScoringConfig, use_gpu: bool) -> dict[str, Any]:
+    """One repeat of `scoring_ratio`: the pipeline over the materialised images against the bare
+    loop over the same images in memory."""
     # The bare loop just before and just after the pipeline, their rates averaged: this machine's
     # speed drifts by 5-10 % over a minute, and a drift then weighs on both sides alike.
-    before = bare_loop(model_dir, images, cfg, use_gpu)
-    pipeline = pipeline_decoded(model_dir, rows, cfg)
-    after = bare_loop(model_dir, images, cfg, use_gpu)
-    bare = {"images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2,
-            "first_batch_seconds": before["first_batch_seconds"]}
-    del rows
-    encoded = materialised_bytes(jpegs, cfg.batch_size)
-    cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size)
-    files = pool_pass(model_dir, jpegs, cfg, size, tmp_root)
-    result = {
-        "images": count, "scored": pipeline["images"],
-        "pipeline_images_per_s": pipeline["images_per_s"], "bare_images_per_s": bare["images_per_s"],
+    before = bare_loop(model_dir, given.images, cfg, use_gpu)
+    pipeline = pipeline_decoded(model_dir, given.rows, cfg)
+    after = bare_loop(model_dir, given.images, cfg, use_gpu)
+    bare = (before["images_per_s"] + after["images_per_s"]) / 2
+    return {
+        "images": len(given.images), "scored": pipeline["images"],
+        "pipeline_images_per_s": pipeline["images_per_s"], "bare_images_per_s": bare,
         "bare_before_images_per_s": before["images_per_s"], "bare_after_images_per_s": after["images_per_s"],
-        "scoring_ratio": pipeline["images_per_s"] / bare["images_per_s"],
+        "scoring_ratio": pipeline["images_per_s"] / bare,
         "pipeline_first_batch_seconds": pipeline["first_batch_seconds"],
-        "bare_first_batch_seconds": bare["first_batch_seconds"],
+        "bare_first_batch_seconds": before["first_batch_seconds"],
         "torch_threads": max(int(cfg.cpus_per_actor), 1),
-        "cpu_decode_images_per_s_one_process": cpu_decode_rate,
+    }
+
+
+def scoring_extras(model_dir: str, given: ScoringInput, cfg: ScoringConfig, size: int, use_gpu: bool,
+                   bare_images_per_s: float, tmp_root: str | None = None) -> dict[str, Any]:
+    """Measured once beside the repeated ratio (none of them is part of it): the pipeline from
+    JPEG bytes with CPU decode tasks, the end-to-end pool pass from files over the model-only
+    rate, and on a GPU nvJPEG decoding alone and in the actor."""
+    encoded = materialised_bytes(given.jpegs, cfg.batch_size)
+    cpu_decode = pipeline_cpu_decode(model_dir, encoded, cfg, size)
+    files = pool_pass(model_dir, given.jpegs, cfg, size, tmp_root)
+    result = {
+        "cpu_decode_images_per_s_one_process": given.cpu_decode_rate,
         "pipeline_cpu_decode_images_per_s": cpu_decode["images_per_s"],
         "pool_pass_images": files["images"], "pool_pass_seconds": files["seconds"],
         "pool_pass_images_per_s": files["images_per_s"],
-        "pool_pass_over_model": files["images_per_s"] / bare["images_per_s"],
+        "pool_pass_over_model": files["images_per_s"] / bare_images_per_s,
     }
     if use_gpu:
-        result["gpu_decode_images_per_s"] = gpu_decode_rate(jpegs, size, cfg.batch_size)
+        result["gpu_decode_images_per_s"] = gpu_decode_rate(given.jpegs, size, cfg.batch_size)
         result["pipeline_gpu_decode_images_per_s"] = pipeline_gpu_decode(model_dir, encoded, cfg, size)["images_per_s"]
     return result

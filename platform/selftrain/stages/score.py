@@ -124,26 +124,26 @@ def concurrent_batches(cfg: ScoringConfig, use_gpu: bool) -> int:
     return GPU_CONCURRENT_BATCHES if use_gpu else 1
 
 
-BATCHES_PER_TASK_ONE_CALL_AT_A_TIME = 4
-TASK_BYTES = 64 * 2**20  # decoded uint8 images per task at most: 256 images at 224 px is 38.5 MB
+BATCHES_PER_TASK = 4
+# Decoded uint8 images per task at most: Ray Data's default target block size, so a decode task's
+# output stays one block (256 images at 224 px are 38.5 MB: three batches a task).
+TASK_BYTES = 128 * 2**20
 
 
-def rows_per_task(cfg: ScoringConfig, use_gpu: bool, image_size: int) -> int:
+def rows_per_task(cfg: ScoringConfig, image_size: int) -> int:
     """Rows (at least) per decode task, and so per scoring-actor task: each decode task's output
     is one block, and the actor takes a block a task, calling the model on it batch by batch
     (`batch_size` rows, the task's remainder last).
 
-    Where an actor runs one call at a time (CPU), up to four batches a task: between two tasks
-    the actor sits idle while Ray stores one task's output and starts the next (10-12 ms per
-    task, measured with resnet18 at 32 px: 6 % of a 190 ms batch; 1.8 ms between the batches of
-    one task), so that cost falls once per four forward passes. Only as many as fit TASK_BYTES:
-    where a batch is large the forward pass is long, and the same 10 ms is nothing beside it.
-    Where calls overlap in threads (`concurrent_batches` > 1, a GPU) one batch a task keeps that
-    many tasks to overlap."""
-    if concurrent_batches(cfg, use_gpu) > 1:
-        return cfg.batch_size
+    Up to four batches a task, as many as fit TASK_BYTES. Between two tasks an actor's thread
+    sits idle while Ray stores one task's output and starts the next: 10-12 ms per task on CPU
+    (resnet18 at 32 px: 6 % of a 190 ms batch; 1.8 ms between the batches of one task), and
+    about 20 ms per task for each of the four threads of a GPU actor (py-spy on an H200, ResNet-50
+    at 224 px, where a batch takes 17 ms on the GPU). With four batches a task that cost falls
+    once per four calls. Calls that overlap in threads (`concurrent_batches` > 1, a GPU) overlap
+    tasks, each thread working through its task's batches in turn."""
     batch_bytes = cfg.batch_size * image_size * image_size * 3
-    return cfg.batch_size * max(1, min(BATCHES_PER_TASK_ONE_CALL_AT_A_TIME, TASK_BYTES // batch_bytes))
+    return cfg.batch_size * max(1, min(BATCHES_PER_TASK, TASK_BYTES // batch_bytes))
 
 
 class TeacherScorer:
@@ -257,7 +257,7 @@ def decoded(rows: ray.data.Dataset, image_size: int, from_paths: bool, cfg: Scor
     tasks of `rows_per_task` rows (the blocks the scoring actor of `cfg` then takes a task at a time)."""
     load, kwargs = (load_batch, {"parquet_column": parquet_column}) if from_paths else (decode_batch, {})
     return rows.map_batches(load, fn_kwargs={"size": image_size, **kwargs}, num_cpus=0.5,
-                            batch_size=rows_per_task(cfg, wants_gpu(cfg.use_gpu), image_size))
+                            batch_size=rows_per_task(cfg, image_size))
 
 
 def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer: type = TeacherScorer,

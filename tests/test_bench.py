@@ -123,3 +123,18 @@ def test_the_pool_pass_scores_every_file_into_parquet_and_is_printed_over_the_mo
     results["ratios"] = ratios(results)
     line = next(line for line in table(results).splitlines() if "pool pass" in line)
     assert "305 files -> scores Parquet" in line and line.rstrip().endswith("24.4 img/s     100.0 img/s    0.244")
+
+
+def test_the_cuda_graph_experiment_is_printed_beside_scoring_or_its_failure_is_named():
+    scoring = {"pipeline_images_per_s": 90.0, "bare_images_per_s": 100.0, "scoring_ratio": 0.9,
+               "pipeline_cpu_decode_images_per_s": 50.0, "cpu_decode_images_per_s_one_process": 70.0,
+               "gpu_decode_images_per_s": 900.0, "pipeline_gpu_decode_images_per_s": 80.0,
+               "graphs_pipeline_images_per_s": 95.0, "graphs_bare_images_per_s": 110.0, "graphs_ratio": 95 / 110}
+    results = {"mode": "full", "device": "GPU", "use_gpu": True, "scoring": scoring}
+    results["ratios"] = ratios(results)
+    line = next(line for line in table(results).splitlines() if "CUDA graphs" in line)
+    assert line.rstrip().endswith("95.0 img/s     110.0 img/s    0.864")
+    assert results["ratios"] == {"scoring_ratio": 0.9}  # the experiment is no goal's ratio
+    failed = {k: v for k, v in scoring.items() if not k.startswith("graphs_")} | {"graphs_error": "RuntimeError: x"}
+    results = {**results, "scoring": failed}
+    assert "both sides with CUDA graphs (experiment): failed, RuntimeError: x" in table(results)

@@ -229,6 +229,11 @@ def table(results: dict[str, Any]) -> str:
         if "pipeline_gpu_decode_images_per_s" in s:
             row("   pipeline from JPEG, GPU decode in actor", s["pipeline_gpu_decode_images_per_s"], None, None)
             row("   GPU JPEG decode+resize alone", s["gpu_decode_images_per_s"], None, None)
+        if "graphs_ratio" in s:
+            row("   both sides with CUDA graphs (experiment)", s["graphs_pipeline_images_per_s"],
+                s["graphs_bare_images_per_s"], None, ratio=s["graphs_ratio"])
+        elif "graphs_error" in s:
+            lines.append(f"   both sides with CUDA graphs (experiment): failed, {s['graphs_error']}")
         row("   CPU decode+resize, one process", s["cpu_decode_images_per_s_one_process"], None, None)
         if "pool_pass_images_per_s" in s:
             row(f"   pool pass: {s['pool_pass_images']:,} files -> scores Parquet", s["pool_pass_images_per_s"],

@@ -24,6 +24,7 @@ rates leave out: Ray Data's planning, the actor's start and model load, the last
 from __future__ import annotations
 
 import io
+import queue
 import threading
 import time
 from collections import Counter
@@ -41,7 +42,7 @@ from selftrain.bench.driver_memory import score_generated_pool
 from selftrain.config import ScoringConfig
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch
-from selftrain.stages.score import TeacherScorer, decoded, infer, rows_per_task
+from selftrain.stages.score import TeacherScorer, concurrent_batches, decoded, infer, rows_per_task
 from selftrain.training.loop import load_model
 
 DISTINCT = 256  # distinct synthetic JPEGs, repeated to the bench's image count
@@ -69,19 +70,62 @@ def decode_all(distinct: list[bytes], count: int, size: int) -> tuple[np.ndarray
     return images[np.arange(count) % len(distinct)], rate
 
 
-def bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool) -> dict[str, float]:
+class CapturedForward:
+    """The model's forward pass on a fixed-size input as a CUDA graph: a batch's few hundred
+    kernel launches (ResNet-50 under autocast) replay as one call, where eager PyTorch launches
+    each from Python under the GIL. An input of another shape runs eagerly. For the bench's
+    graph variant (`scoring_extras`); not yet run on a GPU (see the README's H200 section)."""
+
+    def __init__(self, model: torch.nn.Module, example: torch.Tensor, amp: bool, warm_up: int = 3):
+        self.model, self.amp = model, amp
+        with torch.inference_mode():
+            self.static_in = example.clone()
+            # Warm-up off the default stream, as torch's docs do, and capture on a stream of this
+            # graph's own: graphs captured on one stream share cuBLAS's workspace (keyed by
+            # stream), which graphs replayed at once in several threads would race on
+            # (pytorch/pytorch#193402).
+            self._stream = torch.cuda.Stream(example.device)
+            self._stream.wait_stream(torch.cuda.current_stream(example.device))
+            with torch.cuda.stream(self._stream):
+                for _ in range(warm_up):
+                    self._eager(self.static_in)
+            torch.cuda.current_stream(example.device).wait_stream(self._stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=self._stream):
+                self.static_out = self._eager(self.static_in)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        # autocast's cache of cast weights must be off in a graph capture (torch.cuda.graph's docs)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            return self.model(x).float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, queued on the current stream; the graph's output tensor, valid until its next
+        replay (read or copy it out on the same stream first)."""
+        with torch.inference_mode():  # static_in is an inference tensor
+            if x.shape != self.static_in.shape:
+                return self._eager(x)
+            self.static_in.copy_(x)  # any strides: copy_ lays x out as the graph's input
+            self.graph.replay()
+            return self.static_out
+
+
+def bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool,
+              graphs: bool = False) -> dict[str, float]:
     """images/s of the plain PyTorch loop the pipeline is measured against (same settings as
-    `TeacherScorer`: eval mode, inference_mode, bf16 autocast and channels_last on GPU)."""
+    `TeacherScorer`: eval mode, inference_mode, bf16 autocast and channels_last on GPU); with
+    `graphs` (a GPU only), full batches replay a `CapturedForward`."""
     # A scoring actor gets `cpus_per_actor` CPUs and Ray sets its OMP_NUM_THREADS to match.
     threads = torch.get_num_threads()
     torch.set_num_threads(max(int(cfg.cpus_per_actor), 1))
     try:
-        return _bare_loop(model_dir, images, cfg, use_gpu)
+        return _bare_loop(model_dir, images, cfg, use_gpu, graphs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool) -> dict[str, float]:
+def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: bool,
+               graphs: bool = False) -> dict[str, float]:
     """The loop a careful engineer writes by hand. On a GPU each batch is copied through pinned
     memory on a side stream (so the copy overlaps the previous batch's compute), its logits come
     back into pinned memory without blocking, and the loop waits for one batch's logits only
@@ -96,6 +140,11 @@ def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: 
     model = model.to(device)
 
     copies = torch.cuda.Stream(device) if on_gpu else None
+    captured = None
+    if graphs and on_gpu:
+        shape = (cfg.batch_size, 3, images.shape[1], images.shape[2])
+        captured = CapturedForward(model, to_model_input(torch.zeros(shape, dtype=torch.uint8, device=device),
+                                                         channels_last=channels_last), amp)
 
     def forward(first: int) -> torch.Tensor:
         host = torch.from_numpy(images[first:first + cfg.batch_size])
@@ -107,6 +156,8 @@ def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: 
         else:
             batch = host
         x = to_model_input(nhwc_to_nchw(batch), channels_last=channels_last)
+        if captured is not None:  # its output is overwritten only by a replay queued after the copy out
+            return captured(x)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             return model(x).float()
 
@@ -201,6 +252,28 @@ def drain(dataset: ray.data.Dataset, start: float) -> dict[str, float]:
     result = rate_after_warm_up(list(finished.items()), start)
     result["first_batch_seconds"] = (first_arrival or float("nan")) - start
     return result
+
+
+class GraphScorer(TimedScorer):
+    """`TimedScorer` whose full-size batches replay a `CapturedForward`: one graph per call
+    thread (`graphs`), captured at the actor's start, each lent to one call at a time."""
+
+    def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool, graph_batch: int,
+                 size: int, graphs: int):
+        super().__init__(model_dir, use_gpu, amp, channels_last)
+        example = to_model_input(torch.zeros((graph_batch, 3, size, size), dtype=torch.uint8, device=self.device),
+                                 channels_last=self.channels_last)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(graphs):
+            self._free.put(CapturedForward(self.model, example, self.amp))
+        torch.cuda.synchronize(self.device)
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        forward = self._free.get()
+        try:
+            return forward(x).cpu().numpy()  # waits for this thread's stream: the graph is free again
+        finally:
+            self._free.put(forward)
 
 
 def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig) -> dict[str, float]:
@@ -323,4 +396,21 @@ def scoring_extras(model_dir: str, given: ScoringInput, cfg: ScoringConfig, size
     if use_gpu:
         result["gpu_decode_images_per_s"] = gpu_decode_rate(given.jpegs, size, cfg.batch_size)
         result["pipeline_gpu_decode_images_per_s"] = pipeline_gpu_decode(model_dir, encoded, cfg, size)["images_per_s"]
+        try:  # an experiment: both sides with CUDA graphs (`CapturedForward`); a failure is reported, not raised
+            result.update(graphs_ratio(model_dir, given, cfg, size))
+        except Exception as error:  # noqa: BLE001 - whatever breaks, the measured parts above stand
+            result["graphs_error"] = f"{type(error).__name__}: {error}"
     return result
+
+
+def graphs_ratio(model_dir: str, given: ScoringInput, cfg: ScoringConfig, size: int) -> dict[str, float]:
+    """`scoring_ratio` with both sides replaying CUDA graphs of the forward pass (a GPU only):
+    the pipeline's `GraphScorer` (one graph per call thread) over the bare loop's."""
+    calls = concurrent_batches(cfg, True)
+    before = bare_loop(model_dir, given.images, cfg, True, graphs=True)
+    pipeline = drain(infer(given.rows, model_dir, cfg, scorer=GraphScorer, graph_batch=cfg.batch_size, size=size,
+                           graphs=calls), time.perf_counter())
+    after = bare_loop(model_dir, given.images, cfg, True, graphs=True)
+    bare = (before["images_per_s"] + after["images_per_s"]) / 2
+    return {"graphs_pipeline_images_per_s": pipeline["images_per_s"], "graphs_bare_images_per_s": bare,
+            "graphs_ratio": pipeline["images_per_s"] / bare}

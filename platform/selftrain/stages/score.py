@@ -33,6 +33,7 @@ from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch, load_batch
 from selftrain.data.listing import SKIPPED
 from selftrain.errors import DataError, raised_in_tasks
+from selftrain.heap import returning_freed_memory
 from selftrain.methods.pseudo_label import confidence
 from selftrain.training.loop import load_model
 
@@ -285,12 +286,15 @@ def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image
     as sharded Parquet; then stop with DataError if the pool was empty or mostly unreadable.
     Under `cfg.tta` the views' mean probability p̄ is scored: `logits` = log p̄."""
     scores_dir = out_dir / "scores"
-    # Write tasks at half a CPU, as every other pool task: at Ray's default (1 CPU) they wait
-    # behind the scoring actor and the decode tasks on a 2-core machine until decoding ends.
-    with raised_in_tasks():  # a Parquet pool file that cannot be read: a DataError naming it
-        score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta, progress=progress).write_parquet(
-            str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
-    check_scores(str(scores_dir), cfg.max_rejected_fraction, pool_name)
+    # The driver's freed heap goes back to the system as the pass runs (`heap`): else its RSS
+    # climbs with the pool's size, all of it memory Ray's threads have already freed.
+    with returning_freed_memory():
+        # Write tasks at half a CPU, as every other pool task: at Ray's default (1 CPU) they wait
+        # behind the scoring actor and the decode tasks on a 2-core machine until decoding ends.
+        with raised_in_tasks():  # a Parquet pool file that cannot be read: a DataError naming it
+            score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta, progress=progress).write_parquet(
+                str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
+        check_scores(str(scores_dir), cfg.max_rejected_fraction, pool_name)
     return str(scores_dir)
 
 

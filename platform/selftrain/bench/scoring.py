@@ -276,8 +276,12 @@ class GraphScorer(TimedScorer):
             self._free.put(forward)
 
 
-def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig) -> dict[str, float]:
-    return drain(infer(rows, model_dir, cfg, scorer=TimedScorer), time.perf_counter())
+def pipeline_decoded(model_dir: str, rows: ray.data.Dataset, cfg: ScoringConfig, graphs: bool = False,
+                     size: int = 0) -> dict[str, float]:
+    """The pipeline over decoded images; with `graphs` (a GPU), `GraphScorer` at `size` px."""
+    scorer = (dict(scorer=GraphScorer, graph_batch=cfg.batch_size, size=size, graphs=concurrent_batches(cfg, True))
+              if graphs else dict(scorer=TimedScorer))
+    return drain(infer(rows, model_dir, cfg, **scorer), time.perf_counter())
 
 
 def pipeline_cpu_decode(model_dir: str, encoded: ray.data.Dataset, cfg: ScoringConfig, size: int) -> dict[str, float]:
@@ -358,14 +362,16 @@ def scoring_input(count: int, source_size: int, size: int, cfg: ScoringConfig) -
                         materialised_images(images, rows_per_task(cfg, size)), cpu_decode_rate)
 
 
-def run_scoring(model_dir: str, given: ScoringInput, cfg: ScoringConfig, use_gpu: bool) -> dict[str, Any]:
+def run_scoring(model_dir: str, given: ScoringInput, cfg: ScoringConfig, use_gpu: bool,
+                graphs: bool = False) -> dict[str, Any]:
     """One repeat of `scoring_ratio`: the pipeline over the materialised images against the bare
-    loop over the same images in memory."""
+    loop over the same images in memory; with `graphs` (a GPU), both sides replay CUDA graphs."""
     # The bare loop just before and just after the pipeline, their rates averaged: this machine's
     # speed drifts by 5-10 % over a minute, and a drift then weighs on both sides alike.
-    before = bare_loop(model_dir, given.images, cfg, use_gpu)
-    pipeline = pipeline_decoded(model_dir, given.rows, cfg)
-    after = bare_loop(model_dir, given.images, cfg, use_gpu)
+    size = given.images.shape[1]
+    before = bare_loop(model_dir, given.images, cfg, use_gpu, graphs)
+    pipeline = pipeline_decoded(model_dir, given.rows, cfg, graphs, size)
+    after = bare_loop(model_dir, given.images, cfg, use_gpu, graphs)
     bare = (before["images_per_s"] + after["images_per_s"]) / 2
     return {
         "images": len(given.images), "scored": pipeline["images"],
@@ -397,20 +403,9 @@ def scoring_extras(model_dir: str, given: ScoringInput, cfg: ScoringConfig, size
         result["gpu_decode_images_per_s"] = gpu_decode_rate(given.jpegs, size, cfg.batch_size)
         result["pipeline_gpu_decode_images_per_s"] = pipeline_gpu_decode(model_dir, encoded, cfg, size)["images_per_s"]
         try:  # an experiment: both sides with CUDA graphs (`CapturedForward`); a failure is reported, not raised
-            result.update(graphs_ratio(model_dir, given, cfg, size))
+            graphed = run_scoring(model_dir, given, cfg, True, graphs=True)
+            result.update(graphs_pipeline_images_per_s=graphed["pipeline_images_per_s"],
+                          graphs_bare_images_per_s=graphed["bare_images_per_s"], graphs_ratio=graphed["scoring_ratio"])
         except Exception as error:  # noqa: BLE001 - whatever breaks, the measured parts above stand
             result["graphs_error"] = f"{type(error).__name__}: {error}"
     return result
-
-
-def graphs_ratio(model_dir: str, given: ScoringInput, cfg: ScoringConfig, size: int) -> dict[str, float]:
-    """`scoring_ratio` with both sides replaying CUDA graphs of the forward pass (a GPU only):
-    the pipeline's `GraphScorer` (one graph per call thread) over the bare loop's."""
-    calls = concurrent_batches(cfg, True)
-    before = bare_loop(model_dir, given.images, cfg, True, graphs=True)
-    pipeline = drain(infer(given.rows, model_dir, cfg, scorer=GraphScorer, graph_batch=cfg.batch_size, size=size,
-                           graphs=calls), time.perf_counter())
-    after = bare_loop(model_dir, given.images, cfg, True, graphs=True)
-    bare = (before["images_per_s"] + after["images_per_s"]) / 2
-    return {"graphs_pipeline_images_per_s": pipeline["images_per_s"], "graphs_bare_images_per_s": bare,
-            "graphs_ratio": pipeline["images_per_s"] / bare}

@@ -16,7 +16,7 @@ from selftrain.config import PRETRAIN_METHOD_NAMES, NoiseConfig, build_config
 from selftrain.data.augment import augment_images, contrastive_transform
 from selftrain.errors import ConfigError
 from selftrain.evaluation.knn import knn_predict
-from selftrain.evaluation.linear_probe import linear_probe_accuracy
+from selftrain.evaluation.linear_probe import as_linear, fit_probe, linear_probe_accuracy
 from selftrain.methods.base import Batch
 from selftrain.models.backbone import classifier_name, load_backbone, strip_classifier
 from selftrain.models.registry import build_model
@@ -261,6 +261,27 @@ def test_linear_probe_separates_separable_features_and_needs_two_classes():
         linear_probe_accuracy(features, np.zeros(60), test, test_labels)
 
 
+@pytest.mark.parametrize("standardise", [True, False])
+@pytest.mark.parametrize("fitted_classes", [[0, 1, 2, 3], [0, 2, 3], [1, 3]])
+def test_probe_as_one_linear_layer_gives_the_probes_probabilities(fitted_classes, standardise):
+    """The standardisation folded into the weights: softmax(x W^T + b) on raw features equals
+    the fitted probe's predict_proba; a class with no labeled image is never predicted."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 6)) * 3 + 5  # raw features far from zero mean and unit scale
+    labels = np.repeat(fitted_classes, 15)
+    features = centres[labels] + rng.normal(size=(len(labels), 6)) * rng.uniform(0.5, 4, size=6)
+    probe = fit_probe(features, labels, standardise=standardise)
+    weight, bias = as_linear(probe, num_classes=4)
+    assert weight.shape == (4, 6) and bias.shape == (4,)
+    queries = centres[rng.integers(0, 4, size=50)] + rng.normal(size=(50, 6))
+    probs = torch.softmax(torch.from_numpy(queries @ weight.T.astype(np.float64) + bias), dim=1).numpy()
+    expected = np.zeros((50, 4))
+    expected[:, probe[-1].classes_] = probe.predict_proba(queries)
+    assert np.abs(probs - expected).max() < 1e-4
+    absent = sorted(set(range(4)) - set(fitted_classes))
+    assert not np.isin(probs.argmax(1), absent).any()
+
+
 def test_contrastive_views_of_one_image_differ():
     image = np.random.default_rng(0).integers(0, 255, size=(1, SIZE, SIZE, 3), dtype=np.uint8)
     transform = contrastive_transform(SIZE, NoiseConfig(), crop_scale_min=0.2, color_jitter=0.4)
@@ -268,6 +289,31 @@ def test_contrastive_views_of_one_image_differ():
     a, b = augment_images(image, transform), augment_images(image, transform)
     assert a.shape == (1, 3, SIZE, SIZE) and a.dtype == np.uint8
     assert not np.array_equal(a, b)
+
+
+def _bar_angles(views: np.ndarray) -> np.ndarray:
+    """Orientation (degrees, -90..90) of each view's bright pixels, from their second moments."""
+    angles = []
+    for view in views[:, 0].astype(float):
+        ys, xs = np.nonzero(view > 127)
+        cov = np.cov(np.stack([xs, ys]))
+        angles.append(np.degrees(0.5 * np.arctan2(2 * cov[0, 1], cov[0, 0] - cov[1, 1])))
+    return np.asarray(angles)
+
+
+def test_contrastive_views_rotate_only_when_asked():
+    image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    image[:, 14:18, 4:28] = 255  # a horizontal bar
+    images = np.repeat(image, 64, axis=0)
+    seeds = np.arange(64)
+    plain = contrastive_transform(32, NoiseConfig(horizontal_flip=False), crop_scale_min=1.0, color_jitter=0.0)
+    rotating = contrastive_transform(32, NoiseConfig(horizontal_flip=False), crop_scale_min=1.0, color_jitter=0.0,
+                                     rotation=45.0)
+    still = _bar_angles(augment_images(images, plain, seeds=seeds))
+    turned = _bar_angles(augment_images(images, rotating, seeds=seeds))
+    assert np.abs(still).max() < 2.0  # crops of scale 1 change the aspect a little, never the angle
+    # rotations drawn uniformly from -45..45 degrees: std 26, and both ways
+    assert 18 < turned.std() < 32 and turned.min() < -20 and turned.max() > 20
 
 
 def test_config_names_every_method_and_refuses_unread_knobs():

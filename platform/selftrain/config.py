@@ -151,6 +151,10 @@ class TrainConfig(_Strict):
         1.0, gt=0.0, le=1.0, description="a teacher on a pretrained or saved backbone (model.init): "
         "the backbone's learning rate is train.lr times this, the new classifier's train.lr "
         "(discriminative fine-tuning: a low scale keeps more of what pretraining learned)")
+    head_init: Literal["random", "linear_probe"] = Field(
+        "random", description="a teacher on a pretrained or saved backbone (model.init): its new "
+        "classifier starts from random weights, or from a linear probe fitted on the labeled images' "
+        "frozen features (LP-FT, Kumar et al. 2022)")
 
 
 PRETRAIN_METHOD_NAMES = ("simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "rotation", "jigsaw")
@@ -171,6 +175,11 @@ class PretrainConfig(_Strict):
                                   "of a view (SimCLR's CIFAR setting 0.08-0.2; digits need more)")
     color_jitter: float = Field(0.4, ge=0.0, le=1.0, description="brightness/contrast/saturation "
                                 "jitter strength of the views (hue: a quarter of it), applied with p=0.8")
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation of each view, up to "
+                            "this many degrees either way, before the crop (0: none; digits: 15)")
+    shear: float = Field(0.0, ge=0.0, lt=90.0, description="random shear of each view, degrees either way (digits: 10)")
+    translate: float = Field(0.0, ge=0.0, le=0.5, description="random shift of each view, up to this "
+                             "fraction of its side (digits: 0.1)")
     knn_k: int = Field(200, ge=1, description="neighbours of the per-epoch kNN monitor")
     knn_temperature: float = Field(0.1, gt=0.0, description="vote weight exp(similarity / T)")
     knn_queries: int = Field(2000, ge=1, description="test images the per-epoch kNN monitor classifies "

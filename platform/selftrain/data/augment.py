@@ -46,12 +46,22 @@ def strong_transform(noise: NoiseConfig) -> v2.Compose:
     return v2.Compose(ops)
 
 
-def contrastive_transform(image_size: int, noise: NoiseConfig, crop_scale_min: float, color_jitter: float) -> v2.Compose:
+def contrastive_transform(image_size: int, noise: NoiseConfig, crop_scale_min: float, color_jitter: float,
+                          rotation: float = 0.0, shear: float = 0.0, translate: float = 0.0) -> v2.Compose:
     """One view of self-supervised pretraining: SimCLR's augmentation for small images (Chen et
     al. 2020, Sec. B.9: no blur on CIFAR) - a random resized crop of `crop_scale_min` to all of
     the image, a flip where the data allows, colour jitter with p = 0.8 and grayscale with
-    p = 0.2. Two calls on one image give the two views."""
-    ops: list[v2.Transform] = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
+    p = 0.2. Two calls on one image give the two views.
+
+    With `rotation`, `shear` (degrees) or `translate` (fraction of the side), a random affine
+    map comes first: the variation of handwriting and other glyphs, which crops and colour do
+    not make (on the built-in digits it lifted the linear probe of a SimCLR backbone from 85% to
+    88% at 100 steps; README, "Which pretraining method")."""
+    ops: list[v2.Transform] = []
+    if rotation or shear or translate:
+        ops.append(v2.RandomAffine(degrees=rotation, translate=(translate, translate) if translate else None,
+                                   shear=shear or None))
+    ops.append(v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True))
     if noise.horizontal_flip:
         ops.append(v2.RandomHorizontalFlip())
     if color_jitter > 0:

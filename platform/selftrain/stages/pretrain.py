@@ -37,6 +37,7 @@ def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_image
         "size": cfg.data.image_size, "noise": cfg.noise, "crop_scale_min": pretrain.crop_scale_min,
         "color_jitter": pretrain.color_jitter, "parquet_column": cfg.data.parquet_image_column,
         "failed_images": failed_images, "passes": passes, "seed": cfg.seed,
+        "affine": {"rotation": pretrain.rotation, "shear": pretrain.shear, "translate": pretrain.translate},
     }, batch_size=VIEW_BATCH, num_cpus=cpus)
 
 

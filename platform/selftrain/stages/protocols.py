@@ -7,9 +7,9 @@
 - `finetune`: the whole network trained `supervised` from the model's backbone (a new
   classifier) on a fraction of the labeled images, then scored on the test images.
 
-Features come from the same Ray Data path as teacher scoring: CPU tasks decode, an actor pool
-runs the backbone (`FeatureExtractor`, the scorer with its classifier split off). Only the
-labeled and test sets' features reach the driver (small by premise), never the pool's.
+Features come from the same Ray Data path as teacher scoring (`stages/features.py`): CPU tasks
+decode, an actor pool runs the backbone. Only the labeled and test sets' features reach the
+driver (small by premise), never the pool's.
 """
 
 from __future__ import annotations
@@ -21,46 +21,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray.data
 import torch
 
-from selftrain.config import MethodConfig, PipelineConfig, ScoringConfig
-from selftrain.errors import ConfigError, DataError
+from selftrain.config import MethodConfig, PipelineConfig
+from selftrain.errors import ConfigError
 from selftrain.evaluation.knn import knn_accuracy
 from selftrain.evaluation.linear_probe import linear_probe_accuracy
-from selftrain.models.backbone import strip_classifier
 from selftrain.stages.evaluate import evaluate
-from selftrain.stages.score import TeacherScorer, decoded, infer
+from selftrain.stages.features import extract_features
 from selftrain.stages.train import train_model, training_streams
 from selftrain.training.loop import SPEC_FILE
 
 PROTOCOLS = ("knn", "linear", "finetune")
-
-
-class FeatureExtractor(TeacherScorer):
-    """The scorer's actor with the model's classifier split off: `features` instead of logits."""
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        strip_classifier(self.model)
-
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        with self._stream():
-            features = self._forward(self.to_device(batch["image"])).cpu().numpy()
-        return {**{key: value for key, value in batch.items() if key != "image"}, "features": features}
-
-
-def extract_features(images: pd.DataFrame, model_dir: str, cfg: ScoringConfig, image_size: int,
-                     parquet_column: str = "image") -> pd.DataFrame:
-    """`images` (`path`, `label`, any other columns) with `features` (a vector per row), the
-    unreadable rows dropped; in one pass through the actor pool."""
-    rows = decoded(ray.data.from_pandas(images), image_size, from_paths=True, cfg=cfg, parquet_column=parquet_column)
-    out = infer(rows, model_dir, cfg, scorer=FeatureExtractor).to_pandas()
-    out = out[out["error"] == ""]
-    if out.empty:
-        raise DataError(f"none of the {len(images)} images could be read to extract features")
-    return out
 
 
 def frozen_protocols(model_dir: str, labeled: pd.DataFrame, test: pd.DataFrame, cfg: PipelineConfig,

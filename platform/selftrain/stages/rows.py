@@ -58,13 +58,14 @@ def pool_views(batch: dict[str, Any], size: int, noise: NoiseConfig, parquet_col
 
 def contrastive_views(batch: dict[str, Any], size: int, noise: NoiseConfig, crop_scale_min: float,
                       color_jitter: float, parquet_column: str, failed_images: Any = None,
-                      passes: Any = None, seed: int = 0) -> dict[str, Any]:
+                      passes: Any = None, seed: int = 0, affine: dict[str, float] | None = None) -> dict[str, Any]:
     """`{path, key, ...}` of pool images -> two independently augmented views of each (uint8
-    NCHW), each from a seed of its own (`stages/passes.py`)."""
+    NCHW), each from a seed of its own (`stages/passes.py`); `affine`: `rotation`, `shear`,
+    `translate` of `contrastive_transform`."""
     from selftrain.data.augment import augment_images, contrastive_transform
 
     images, _, seeds = _decoded(batch, size, parquet_column, failed_images, passes, "train", seed)
-    transform = contrastive_transform(size, noise, crop_scale_min, color_jitter)
+    transform = contrastive_transform(size, noise, crop_scale_min, color_jitter, **(affine or {}))
     return {"view0": augment_images(images, transform, seeds=seeds),
             "view1": augment_images(images, transform, seeds=other_view(seeds))}
 

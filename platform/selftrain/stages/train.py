@@ -28,6 +28,7 @@ from selftrain.data.listing import data_roots
 from selftrain.errors import TrainingError
 from selftrain.seeds import relative_key
 from selftrain.stages.failed_images import failed_images_actor, failed_images_report
+from selftrain.stages.features import CLASSIFIER_INIT_FILE, probed_classifier
 from selftrain.stages.passes import stream_passes_actor
 from selftrain.stages.rows import ProgressEpochs, keyed, pool_views, prepare_rows
 from selftrain.stages.score import wants_gpu
@@ -56,6 +57,7 @@ class Streams:
     pool_rows: int = 0
     failed_images: Any = None  # the `FailedImages` actor the streams' tasks report to
     passes: Any = None  # the `StreamPasses` actor that seeds the streams' augmentation
+    labeled: pd.DataFrame | None = None  # the labeled images (`path`, `label`) in the stream
 
 
 PASS_BATCHES = 64  # a small stream is repeated until one pass holds this many batches
@@ -132,10 +134,10 @@ def training_streams(cfg: PipelineConfig, method: MethodConfig, labeled: pd.Data
     train = training_dataset(cfg, labeled, num_classes, pseudo_dir, randaugment=bool(pseudo), repeats=repeats,
                              failed_images=failed, passes=passes)
     if not method.online:
-        return Streams(train, rows * repeats, failed_images=failed, passes=passes)
+        return Streams(train, rows * repeats, failed_images=failed, passes=passes, labeled=labeled)
     return Streams(train, rows * repeats, split_train=bool(pseudo),
                    unlabeled=unlabeled_views(cfg, method, pool_index, failed, passes), pool_rows=pool_index["rows"],
-                   failed_images=failed, passes=passes)
+                   failed_images=failed, passes=passes, labeled=labeled)
 
 
 def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: int,
@@ -208,10 +210,18 @@ def train_model(
     `validation` (`path`, `label`) adds `val/accuracy` to every epoch's report; `callbacks` are
     Ray Train `UserCallback`s (a sweep passes Tune's report callback and an MLflow logger);
     a student starts from `teacher_dir`'s weights when `train.student_init` is `teacher`, a
-    teacher from `init_backbone_dir`'s backbone (a pretrained or saved model, `model.init`);
-    `placement_group_file` collects the worker group's placement group id (see `sweep.py`)."""
+    teacher from `init_backbone_dir`'s backbone (a pretrained or saved model, `model.init`),
+    with its new classifier fitted as a linear probe on the labeled images' features when
+    `train.head_init` is `linear_probe`; `placement_group_file` collects the worker group's
+    placement group id (see `sweep.py`)."""
     dropout = cfg.noise.dropout if student else cfg.train.teacher_dropout
     method = cfg.students if student else cfg.teacher
+    head_file = None
+    if init_backbone_dir and not student and cfg.train.head_init == "linear_probe":
+        if streams.labeled is None:
+            raise TrainingError("train.head_init=linear_probe needs the labeled images in the training streams")
+        head_file = probed_classifier(init_backbone_dir, streams.labeled, cfg, spec["num_classes"],
+                                      out_dir / CLASSIFIER_INIT_FILE)
     loop_config = {
         **spec, "arch": arch, "method": method.method, "knobs": method.knobs(), "online": method.online,
         "mu": method.mu, "max_empty_epochs": method.max_empty_epochs, "collapse_fraction": method.collapse_fraction,
@@ -219,6 +229,7 @@ def train_model(
         "steps_per_epoch": cfg.train.steps_per_epoch, "seed": seed,
         "init_model_dir": teacher_dir if student and cfg.train.student_init == "teacher" else None,
         "init_backbone_dir": init_backbone_dir if not student else None,
+        "classifier_init_file": str(head_file) if head_file else None,
         "epochs": cfg.train.student_epochs if student else cfg.train.teacher_epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
         "backbone_lr_scale": cfg.train.backbone_lr_scale if init_backbone_dir and not student else 1.0,

@@ -301,6 +301,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("init_backbone_dir"):  # a teacher on a pretrained (or saved) backbone, new classifier
         load_backbone(model, torch.load(Path(config["init_backbone_dir"]) / MODEL_FILE, map_location="cpu",
                                         weights_only=True))
+        if config.get("classifier_init_file"):  # the new classifier from a linear probe (train.head_init)
+            model.get_submodule(classifier_name(model)).load_state_dict(
+                torch.load(config["classifier_init_file"], weights_only=True))
     model = method.network(model)  # the model itself, or a pretraining network around its backbone
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights match the channels_last inputs

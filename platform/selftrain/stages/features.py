@@ -20,6 +20,7 @@ import torch
 from selftrain.config import PipelineConfig, ScoringConfig
 from selftrain.errors import DataError
 from selftrain.evaluation.linear_probe import as_linear, fit_probe
+from selftrain.fsio import atomic_torch_save
 from selftrain.models.backbone import strip_classifier
 from selftrain.stages.score import TeacherScorer, decoded, infer
 
@@ -65,7 +66,5 @@ def probed_classifier(model_dir: str, labeled: pd.DataFrame, cfg: PipelineConfig
                       standardise=False)
     weight, bias = as_linear(probe, num_classes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save({"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}, partial)
-    partial.replace(path)
+    atomic_torch_save({"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}, path)
     return path

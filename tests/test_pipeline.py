@@ -351,7 +351,8 @@ def test_nan_loss_stops_with_a_clear_message_and_a_failed_run(smoke, tmp_path, c
     args = [SMOKE, f"output_dir={tmp_path / 'nan'}", "train.lr=1e30", "name=smoke-nan",
             *[a for a in smoke["args"] if a.startswith("data.")]]
     assert main(["run", *args]) == 2
-    assert "loss became nan" in capsys.readouterr().err.lower()
+    err = capsys.readouterr().err
+    assert "loss became nan" in err.lower() and "lower train.lr" in err
     client = smoke["client"]
     experiment = client.get_experiment_by_name("smoke-nan")
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}

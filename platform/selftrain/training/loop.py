@@ -374,7 +374,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{config['arch']} loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"(lr {scheduler.get_last_lr()[0]:.3g}); lower train.lr or check the data"
+                    f"(lr {scheduler.get_last_lr()[0]:.3g}); lower {'pretrain.lr' if config.get('pretrain') else 'train.lr'} "
+                    "or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

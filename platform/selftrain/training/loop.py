@@ -372,10 +372,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, metrics = method.loss(ddp_model, batch, epoch * per_epoch + step)
             if not torch.isfinite(loss):
+                rate_key = "pretrain.lr" if config.get("pretrain") else "train.lr"  # the rate this run used
                 raise TrainingError(
                     f"{config['arch']} loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"(lr {scheduler.get_last_lr()[0]:.3g}); lower {'pretrain.lr' if config.get('pretrain') else 'train.lr'} "
-                    "or check the data"
+                    f"(lr {scheduler.get_last_lr()[0]:.3g}); lower {rate_key} or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

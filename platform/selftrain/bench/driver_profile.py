@@ -109,8 +109,10 @@ def main() -> None:
     score_generated_pool(max(args.files // 10, 100), model, 8, cfg, str(work))  # warm-up, not measured
     write_pool(work / "pool", args.files)
     if args.memray:
-        import memray
-
+        try:
+            import memray
+        except ImportError:
+            parser.error("--memray needs memray (pip install memray; Linux and macOS), not a selftrain dependency")
         Path(args.memray).unlink(missing_ok=True)
     tracker = memray.Tracker(args.memray, native_traces=True) if args.memray else nullcontext()
     rss_before = psutil.Process().memory_info().rss / 2**20

@@ -100,23 +100,23 @@ def main() -> None:
     from selftrain.ray_runtime import init_ray
     from selftrain.stages.score import score_pool
 
-    if args.rows_per_read_task:
-        pool.ROWS_PER_READ_TASK = args.rows_per_read_task
-    init_ray(num_cpus=args.num_cpus)
-    work = Path(tempfile.mkdtemp(prefix="selftrain-driver-profile-"))
-    cfg = ScoringConfig(batch_size=1024, cpus_per_actor=1.0)  # the bench's driver-memory settings
-    model = _model_dir(work, "resnet18", 8)
-    score_generated_pool(max(args.files // 10, 100), model, 8, cfg, str(work))  # warm-up, not measured
-    write_pool(work / "pool", args.files)
     if args.memray:
         try:
             import memray
         except ImportError:
             parser.error("--memray needs memray (pip install memray; Linux and macOS), not a selftrain dependency")
         Path(args.memray).unlink(missing_ok=True)
-    tracker = memray.Tracker(args.memray, native_traces=True) if args.memray else nullcontext()
-    rss_before = psutil.Process().memory_info().rss / 2**20
+    if args.rows_per_read_task:
+        pool.ROWS_PER_READ_TASK = args.rows_per_read_task
+    init_ray(num_cpus=args.num_cpus)
+    work = Path(tempfile.mkdtemp(prefix="selftrain-driver-profile-"))
+    cfg = ScoringConfig(batch_size=1024, cpus_per_actor=1.0)  # the bench's driver-memory settings
     try:
+        model = _model_dir(work, "resnet18", 8)
+        score_generated_pool(max(args.files // 10, 100), model, 8, cfg, str(work))  # warm-up, not measured
+        write_pool(work / "pool", args.files)
+        tracker = memray.Tracker(args.memray, native_traces=True) if args.memray else nullcontext()
+        rss_before = psutil.Process().memory_info().rss / 2**20
         with QueueSampler() as sampler, tracker:
             score_pool(pool.read_pool(str(work / "pool"), "image", None), model, cfg, 8, work / "out",
                        pool_name="profile")

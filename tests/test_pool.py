@@ -1,6 +1,8 @@
 """The unlabeled pool read through pyarrow filesystems, listed in Ray tasks, and bad pools."""
 
+import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -152,3 +154,28 @@ def test_a_parquet_row_is_read_from_its_row_group_by_id(tmp_path):
         assert read_image_ref(f"{tmp_path / 'pool.parquet'}#row={row}") == values[row]
         assert read_image_ref(f"file://{tmp_path / 'pool.parquet'}#row={row}") == values[row]
     assert read_image_ref(f"file://{tmp_path / 'pool.parquet'}") == (tmp_path / "pool.parquet").read_bytes()
+
+
+def test_a_big_sub_folder_is_listed_in_shards_that_share_its_files_out_exactly(tmp_path):
+    """Few sub-folders for the units wanted: each is cut into shards that each list the tree and
+    keep their share; every entry, the ones not read included, is in exactly one shard."""
+    root = _tree(tmp_path / "pool", {**{f"only/{i % 7}/{i}.png": GOOD for i in range(300)},
+                                     "only/notes.txt": b"", **{f"top{i}.png": GOOD for i in range(1100)}})
+    os.symlink(root / "only" / "missing.png", root / "only" / "dangling.png")
+    location = listing.locate(str(root))
+    units = listing.list_top_level({"root": location.root}, location, units=8)
+    folder_units = [u for u in units if u["folder"]]
+    assert [(u["shard"], u["shards"]) for u in folder_units] == [(i, 8) for i in range(8)]
+    chunks = [len(u["files"]) for u in units if not u["folder"]]
+    assert chunks == [512, 512, 76]  # at least FILES_PER_ROW names a chunk
+    assert [len(u["files"]) for u in listing.list_top_level({"root": location.root}, location, units=2)
+            if not u["folder"]] == [550, 550]  # at most `units` chunks
+    shares = [listing.list_below(u, location) for u in folder_units]
+    whole = listing.list_below({**folder_units[0], "shard": 0, "shards": 1}, location)
+    assert len(whole) == 302
+    assert sorted(r["file"] for share in shares for r in share) == sorted(r["file"] for r in whole)  # no repeats
+    assert min(len(share) for share in shares) > 302 / 8 / 2  # each shard does its part of the reading
+    skips = {Path(r["file"]).name: r["skip"] for share in shares for r in share if r["skip"]}
+    assert skips == {"notes.txt": "skipped: unsupported extension '.txt' (images: "
+                     + ", ".join(listing.IMAGE_EXTENSIONS) + "; or parquet)",
+                     "dangling.png": f"unreadable file: dangling symlink to {root / 'only' / 'missing.png'}"}

@@ -23,7 +23,8 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,7 +36,8 @@ from selftrain.errors import DataError
 
 PARQUET = "parquet"
 PROBE_LIMIT = 10_000  # entries the driver may look at to find the first pool file (bounded, not O(pool))
-FILES_PER_ROW = 512  # top-level files travel in chunks, so a flat folder is not one row per file
+FILES_PER_ROW = 512  # top-level files travel in chunks (at least this many names), so a flat folder is not one row per file
+MAX_SHARDS = 64  # listing units per sub-folder at most: each lists the whole tree (`list_top_level`)
 SKIPPED = "skipped: "  # the error of a listed file that is not read (see `skip_reason`)
 
 
@@ -178,11 +180,13 @@ def _broken(path: str, exc: OSError) -> str:
     return f"unreadable file: {exc.strerror or exc}"
 
 
-def _local_folder(folder: str) -> tuple[list[tuple[str, tuple[int, int]]], list[tuple[str, str]]]:
+def _local_folder(folder: str, keep: Callable[[str], bool] = lambda path: True,
+                  ) -> tuple[list[tuple[str, tuple[int, int]]], list[tuple[str, str]]]:
     """One local folder: its sub-folders with their (device, inode) (a symlink to a folder is
     followed), and its other entries as (path, reason): "" for a regular file, else why it is
     not read (a dangling symlink, a symlink loop, a FIFO or device that a read would block on).
-    A folder that cannot be listed is one entry, named, with its reason."""
+    A folder that cannot be listed is one entry, named, with its reason. An entry that is not a
+    folder and that `keep` rejects (another shard's file) is left out before its `stat`."""
     try:
         with os.scandir(folder) as found:
             entries = sorted(found, key=lambda e: e.name)
@@ -190,6 +194,8 @@ def _local_folder(folder: str) -> tuple[list[tuple[str, tuple[int, int]]], list[
         return [], [(folder, f"{SKIPPED}unreadable folder, its files are not listed: {exc.strerror or exc}")]
     folders, files = [], []
     for entry in entries:
+        if not keep(entry.path) and not _may_be_folder(entry):
+            continue
         try:
             info = entry.stat()  # follows a symlink
         except OSError as exc:
@@ -204,6 +210,15 @@ def _local_folder(folder: str) -> tuple[list[tuple[str, tuple[int, int]]], list[
     return folders, files
 
 
+def _may_be_folder(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder, or a link to one, mostly without a `stat` (the listing's
+    entry type); False for a link that cannot be followed (the shard that keeps it names why)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _loop(path: str, identity: tuple[int, int], above: dict[tuple[int, int], str]) -> str:
     """The reason a folder is not listed when it is one of the folders above it ("" if not)."""
     if identity not in above:
@@ -211,15 +226,17 @@ def _loop(path: str, identity: tuple[int, int], above: dict[tuple[int, int], str
     return f"{SKIPPED}symlink loop: {path} leads back to {above[identity]}, which is listed already"
 
 
-def walk_local(folder: str, above: dict[tuple[int, int], str]) -> Iterator[tuple[str, str]]:
+def walk_local(folder: str, above: dict[tuple[int, int], str],
+               keep: Callable[[str], bool] = lambda path: True) -> Iterator[tuple[str, str]]:
     """(path, reason) of every entry below `folder`, depth-first. `above` maps the (device,
     inode) of each folder on the way down to its path: a symlink back to one of them is named as
     a loop, not followed (the walk ends however the links run); a symlink to any other folder is
-    followed (a pool may be assembled from links)."""
+    followed (a pool may be assembled from links). Files that `keep` rejects are passed over
+    unread (every folder is still walked); the caller filters what else it yields."""
     stack = [(folder, above)]
     while stack:
         current, ancestors = stack.pop()
-        folders, files = _local_folder(current)
+        folders, files = _local_folder(current, keep)
         yield from files
         below = []
         for path, identity in folders:
@@ -264,12 +281,15 @@ def probe(location: PoolLocation) -> tuple[str | None, str | None]:
     return None, None
 
 
-def list_top_level(row: dict[str, Any], location: PoolLocation) -> list[dict[str, Any]]:
-    """Ray task: the root's sub-folders (one row each) and its other entries (in chunks), each
-    entry with the reason it cannot be read ("" when it can). Local paths travel as `local_id`s
-    (a name that is not UTF-8 cannot be an Arrow string)."""
+def list_top_level(row: dict[str, Any], location: PoolLocation, units: int) -> list[dict[str, Any]]:
+    """Ray task: the pool cut into about `units` listing units, the rows that `list_below` takes.
+    A sub-folder is one unit, or `shards` units when the root has fewer sub-folders than `units`
+    (each lists the whole tree and keeps its own share of the files: `in_shard`), so one big
+    sub-folder is still read in parallel; the root's other entries travel in at most `units`
+    chunks of names, each entry with the reason it cannot be read ("" when it can). Local paths
+    travel as `local_id`s (a name that is not UTF-8 cannot be an Arrow string)."""
     if location.is_file:
-        return [{"folder": "", "files": [_id(location, location.root)], "reasons": [""]}]
+        return [_unit("", [(_id(location, location.root), "")])]
     if isinstance(location.filesystem, pafs.LocalFileSystem):
         found, entries = _local_folder(location.root)
         above = _root_above(location)
@@ -285,9 +305,21 @@ def list_top_level(row: dict[str, Any], location: PoolLocation) -> list[dict[str
         folders = sorted(i.path for i in listing if i.type == pafs.FileType.Directory)
         entries = sorted((i.path, "") for i in listing if i.type != pafs.FileType.Directory)
     entries = [(_id(location, p), reason) for p, reason in entries]
-    chunks = [entries[i:i + FILES_PER_ROW] for i in range(0, len(entries), FILES_PER_ROW)]
-    return ([{"folder": f, "files": [], "reasons": []} for f in folders]
-            + [{"folder": "", "files": [p for p, _ in c], "reasons": [r for _, r in c]} for c in chunks])
+    size = max(FILES_PER_ROW, -(-len(entries) // units))  # at most `units` chunks
+    shards = min(MAX_SHARDS, -(-units // len(folders))) if folders else 1
+    return ([_unit(f, [], shard, shards) for f in folders for shard in range(shards)]
+            + [_unit("", entries[i:i + size]) for i in range(0, len(entries), size)])
+
+
+def _unit(folder: str, entries: list[tuple[str, str]], shard: int = 0, shards: int = 1) -> dict[str, Any]:
+    return {"folder": folder, "files": [p for p, _ in entries], "reasons": [r for _, r in entries],
+            "shard": shard, "shards": shards}
+
+
+def in_shard(path: str, shard: int, shards: int) -> bool:
+    """Whether `path` (an `os` or pyarrow path) is in shard `shard` of `shards`: by a hash of
+    the path, the same in every task, so each file of a sharded folder is in exactly one."""
+    return shards == 1 or zlib.crc32(os.fsencode(path)) % shards == shard
 
 
 def _id(location: PoolLocation, path: str) -> str:
@@ -307,21 +339,26 @@ def skip_reason(path: str) -> str:
 
 
 def _below(row: dict[str, Any], location: PoolLocation) -> list[tuple[str, str]]:
-    """(path, reason) of the entries of one listing row, as `os`/pyarrow paths."""
+    """(path, reason) of the entries of one listing row, as `os`/pyarrow paths: a chunk's
+    entries, or a sub-folder shard's (the tree's entries `in_shard`)."""
     local = isinstance(location.filesystem, pafs.LocalFileSystem)
     if not row["folder"]:
         return [(os_path(p) if local else p, r) for p, r in zip(row["files"], row["reasons"])]
+    shard, shards = int(row["shard"]), int(row["shards"])
     if local:
         folder = os_path(row["folder"])
         above = {**_root_above(location), folder_identity(os.stat(folder)): folder}
-        return list(walk_local(folder, above))
-    selector = pafs.FileSelector(row["folder"], recursive=True)
-    return sorted((i.path, "") for i in location.filesystem.get_file_info(selector)
-                  if i.type != pafs.FileType.Directory)
+        found = walk_local(folder, above, keep=lambda path: in_shard(path, shard, shards))
+    else:
+        selector = pafs.FileSelector(row["folder"], recursive=True)
+        found = sorted((i.path, "") for i in location.filesystem.get_file_info(selector)
+                       if i.type != pafs.FileType.Directory)
+    return [(path, reason) for path, reason in found if in_shard(path, shard, shards)]
 
 
 def list_below(row: dict[str, Any], location: PoolLocation) -> list[dict[str, Any]]:
-    """Ray task: every wanted entry in a sub-folder's tree, or in a chunk of top-level entries,
+    """Every wanted entry of a listing unit (a sub-folder's tree or its shard, or a chunk of
+    top-level entries),
     as `{file, skip}`; `skip` says why an entry is not read, so that every file the user pointed
     at is either read or counted and named. A reason of the entry itself (a folder that cannot
     be listed, a symlink loop) is kept; for a file, what it is (hidden, not an image) comes

@@ -23,8 +23,9 @@ from selftrain.data.decode import PARQUET_ROW, local_id, local_path, read_file_b
 from selftrain.data.listing import PARQUET, PoolLocation, kind_of, list_below, list_top_level, locate, probe
 from selftrain.errors import DataError
 
-ROWS_PER_READ_TASK = 256  # files per read task: enough tasks to keep every CPU busy (a scoring pass's read
-# tasks are fused with its decode tasks, which may take more: `stages.score.rows_per_task`)
+ROWS_PER_READ_TASK = 256  # files read into one batch (a scoring pass's read tasks are fused with its
+# decode tasks, which batch them again: `stages.score.rows_per_task`)
+UNITS_PER_CPU = 4  # listing units (sub-folders, their shards, chunks of top-level files) per CPU
 LIST_CPUS = 0.5  # every pool task: a whole CPU beside a 1-CPU scoring actor on 2 cores never runs
 
 
@@ -133,20 +134,40 @@ def _check_column(location: PoolLocation, parquet_file: str, column: str) -> Non
         )
 
 
-def list_pool_files(location: PoolLocation) -> ray.data.Dataset:
-    """Lazy `{file, skip}` rows: the top level listed in one task, each sub-folder's tree in its own."""
+def listing_units(location: PoolLocation) -> ray.data.Dataset:
+    """Lazy listing units (`listing.list_top_level`), one per block so that units are listed
+    and read in parallel: about UNITS_PER_CPU for each CPU of the cluster."""
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     seed = ray.data.from_items([{"root": location.root}])
-    top = seed.flat_map(list_top_level, fn_kwargs={"location": location}, num_cpus=LIST_CPUS)
-    # One sub-folder (or chunk of top-level files) per block, so sub-trees are listed in parallel.
-    return top.repartition(target_num_rows_per_block=1).flat_map(
-        list_below, fn_kwargs={"location": location}, num_cpus=LIST_CPUS)
+    top = seed.flat_map(list_top_level, fn_kwargs={"location": location, "units": UNITS_PER_CPU * max(cpus, 1)},
+                        num_cpus=LIST_CPUS)
+    return top.repartition(target_num_rows_per_block=1)
+
+
+def list_pool_files(location: PoolLocation) -> ray.data.Dataset:
+    """Lazy `{file, skip}` rows: every listing unit listed in its own task."""
+    return listing_units(location).flat_map(list_below, fn_kwargs={"location": location}, num_cpus=LIST_CPUS)
+
+
+def _list_and_read(batch: dict[str, Any], location: PoolLocation, column: str) -> Iterator[dict[str, Any]]:
+    """Ray task: one listing unit listed (`list_below`), then its files read ROWS_PER_READ_TASK at
+    a time, in the same task. No names wait between a listing and its reads: a listing task
+    that ran ahead of the pass would queue its names (~60 bytes a file) in the driver's heap,
+    as task outputs under Ray's 100 KiB inline limit go back to their owner rather than to the
+    object store; these blocks carry the files' bytes, which Ray Data's backpressure counts."""
+    listed = list_below({key: values[0] for key, values in batch.items()}, location)
+    for first in range(0, len(listed), ROWS_PER_READ_TASK):
+        chunk = listed[first:first + ROWS_PER_READ_TASK]
+        yield from _read_files({"file": [r["file"] for r in chunk], "skip": [r["skip"] for r in chunk]},
+                               location, column)
 
 
 def read_pool(spec: str, image_column: str, classes: list[str] | None) -> ray.data.Dataset:
     """`classes` given: derive true labels from parent folder names (for pseudo-label accuracy).
 
     A pool may mix image files and Parquet files; both are read (the first pool file found only
-    sets how many files one task reads: one Parquet file, or ROWS_PER_READ_TASK images).
+    sets how files are read: a Parquet file a task, or a listing unit's images in the task that
+    lists it, `_list_and_read`).
     Raises DataError at once for a missing path, an unreachable URI, a first Parquet file without
     `image_column`, or a folder with no pool file among its first entries; a pool whose files
     all lie further on is only known to be empty after the pass (`score_pool` checks). A
@@ -161,13 +182,11 @@ def read_pool(spec: str, image_column: str, classes: list[str] | None) -> ray.da
         raise DataError(f"data.unlabeled: no image files (or Parquet) under {spec}")
     if kind is None:
         raise DataError(f"data.unlabeled: {spec} is neither an image nor a Parquet file")
-    files = list_pool_files(location)
     read = {"fn_kwargs": {"location": location, "column": image_column}, "num_cpus": LIST_CPUS}
-    if kind == PARQUET:
+    if kind == PARQUET:  # a Parquet file a task: a pool of them has few files, each of many rows
         _check_column(location, first, image_column)
-        rows = files.map_batches(_read_files, batch_size=1, **read)
+        rows = list_pool_files(location).map_batches(_read_files, batch_size=1, **read)
         rows = rows.repartition(target_num_rows_per_block=ROWS_PER_READ_TASK)
     else:
-        rows = files.repartition(target_num_rows_per_block=ROWS_PER_READ_TASK).map_batches(
-            _read_files, batch_size=None, **read)
+        rows = listing_units(location).map_batches(_list_and_read, batch_size=1, **read)
     return rows.map_batches(_label_from_folder, fn_kwargs={"classes": classes}, num_cpus=LIST_CPUS)

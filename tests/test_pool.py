@@ -156,20 +156,22 @@ def test_a_parquet_row_is_read_from_its_row_group_by_id(tmp_path):
     assert read_image_ref(f"file://{tmp_path / 'pool.parquet'}") == (tmp_path / "pool.parquet").read_bytes()
 
 
-def test_a_big_sub_folder_is_listed_in_shards_that_share_its_files_out_exactly(tmp_path):
-    """Few sub-folders for the units wanted: each is cut into shards that each list the tree and
-    keep their share; every entry, the ones not read included, is in exactly one shard."""
+def test_listing_units_are_bounded_and_share_out_every_entry_exactly_once(tmp_path):
+    """The pool is cut into about 2 x `units` units whatever its size. Fewer sub-folders than
+    units: each is cut into shards that each list the tree and keep their share. More: they are
+    grouped. Every entry, the ones not read included, is in exactly one unit."""
     root = _tree(tmp_path / "pool", {**{f"only/{i % 7}/{i}.png": GOOD for i in range(300)},
                                      "only/notes.txt": b"", **{f"top{i}.png": GOOD for i in range(1100)}})
     os.symlink(root / "only" / "missing.png", root / "only" / "dangling.png")
     location = listing.locate(str(root))
     units = listing.list_top_level({"root": location.root}, location, units=8)
-    folder_units = [u for u in units if u["folder"]]
-    assert [(u["shard"], u["shards"]) for u in folder_units] == [(i, 8) for i in range(8)]
-    chunks = [len(u["files"]) for u in units if not u["folder"]]
+    folder_units = [u for u in units if u["folders"]]
+    assert [(u["folders"], u["shard"], u["shards"]) for u in folder_units] == [([str(root / "only")], i, 8)
+                                                                               for i in range(8)]
+    chunks = [len(u["files"]) for u in units if not u["folders"]]
     assert chunks == [512, 512, 76]  # at least FILES_PER_ROW names a chunk
     assert [len(u["files"]) for u in listing.list_top_level({"root": location.root}, location, units=2)
-            if not u["folder"]] == [550, 550]  # at most `units` chunks
+            if not u["folders"]] == [550, 550]  # at most `units` chunks
     shares = [listing.list_below(u, location) for u in folder_units]
     whole = listing.list_below({**folder_units[0], "shard": 0, "shards": 1}, location)
     assert len(whole) == 302
@@ -179,3 +181,10 @@ def test_a_big_sub_folder_is_listed_in_shards_that_share_its_files_out_exactly(t
     assert skips == {"notes.txt": "skipped: unsupported extension '.txt' (images: "
                      + ", ".join(listing.IMAGE_EXTENSIONS) + "; or parquet)",
                      "dangling.png": f"unreadable file: dangling symlink to {root / 'only' / 'missing.png'}"}
+
+    many = _tree(tmp_path / "many", {f"s{i:02d}/{j}.png": GOOD for i in range(20) for j in range(3)})
+    location = listing.locate(str(many))
+    units = listing.list_top_level({"root": location.root}, location, units=8)
+    assert [len(u["folders"]) for u in units] == [3, 3, 3, 3, 3, 3, 2]  # 20 sub-folders in groups
+    files = [r["file"] for u in units for r in listing.list_below(u, location)]
+    assert sorted(files) == sorted(str(p) for p in many.rglob("*.png")) and len(files) == 60

@@ -282,14 +282,16 @@ def probe(location: PoolLocation) -> tuple[str | None, str | None]:
 
 
 def list_top_level(row: dict[str, Any], location: PoolLocation, units: int) -> list[dict[str, Any]]:
-    """Ray task: the pool cut into about `units` listing units, the rows that `list_below` takes.
-    A sub-folder is one unit, or `shards` units when the root has fewer sub-folders than `units`
-    (each lists the whole tree and keeps its own share of the files: `in_shard`), so one big
-    sub-folder is still read in parallel; the root's other entries travel in at most `units`
-    chunks of names, each entry with the reason it cannot be read ("" when it can). Local paths
-    travel as `local_id`s (a name that is not UTF-8 cannot be an Arrow string)."""
+    """Ray task: the pool cut into at most about 2 x `units` listing units, the rows that
+    `list_below` takes; their number, not the pool's size, sets what the pass holds per unit.
+    The root's sub-folders are shared out in `units` groups; when there are fewer sub-folders
+    than `units`, each is cut into `shards` units instead (each lists the whole tree and keeps
+    its own share of the files: `in_shard`), so one big sub-folder is still read in parallel.
+    The root's other entries travel in at most `units` chunks of names, each entry with the
+    reason it cannot be read ("" when it can). Local paths travel as `local_id`s (a name that is
+    not UTF-8 cannot be an Arrow string)."""
     if location.is_file:
-        return [_unit("", [(_id(location, location.root), "")])]
+        return [_unit([], [(_id(location, location.root), "")])]
     if isinstance(location.filesystem, pafs.LocalFileSystem):
         found, entries = _local_folder(location.root)
         above = _root_above(location)
@@ -306,13 +308,16 @@ def list_top_level(row: dict[str, Any], location: PoolLocation, units: int) -> l
         entries = sorted((i.path, "") for i in listing if i.type != pafs.FileType.Directory)
     entries = [(_id(location, p), reason) for p, reason in entries]
     size = max(FILES_PER_ROW, -(-len(entries) // units))  # at most `units` chunks
+    chunks = [_unit([], entries[i:i + size]) for i in range(0, len(entries), size)]
+    if len(folders) >= units:
+        group = -(-len(folders) // units)
+        return [_unit(folders[i:i + group], []) for i in range(0, len(folders), group)] + chunks
     shards = min(MAX_SHARDS, -(-units // len(folders))) if folders else 1
-    return ([_unit(f, [], shard, shards) for f in folders for shard in range(shards)]
-            + [_unit("", entries[i:i + size]) for i in range(0, len(entries), size)])
+    return [_unit([f], [], shard, shards) for f in folders for shard in range(shards)] + chunks
 
 
-def _unit(folder: str, entries: list[tuple[str, str]], shard: int = 0, shards: int = 1) -> dict[str, Any]:
-    return {"folder": folder, "files": [p for p, _ in entries], "reasons": [r for _, r in entries],
+def _unit(folders: list[str], entries: list[tuple[str, str]], shard: int = 0, shards: int = 1) -> dict[str, Any]:
+    return {"folders": folders, "files": [p for p, _ in entries], "reasons": [r for _, r in entries],
             "shard": shard, "shards": shards}
 
 
@@ -338,27 +343,27 @@ def skip_reason(path: str) -> str:
     return f"{SKIPPED}unsupported extension {extension} (images: {', '.join(IMAGE_EXTENSIONS)}; or parquet)"
 
 
-def _below(row: dict[str, Any], location: PoolLocation) -> list[tuple[str, str]]:
-    """(path, reason) of the entries of one listing row, as `os`/pyarrow paths: a chunk's
-    entries, or a sub-folder shard's (the tree's entries `in_shard`)."""
+def _below(row: dict[str, Any], location: PoolLocation) -> Iterator[tuple[str, str]]:
+    """(path, reason) of the entries of one listing unit, as `os`/pyarrow paths: a chunk's
+    entries, or the trees of its folders (their entries `in_shard`), a folder at a time."""
     local = isinstance(location.filesystem, pafs.LocalFileSystem)
-    if not row["folder"]:
-        return [(os_path(p) if local else p, r) for p, r in zip(row["files"], row["reasons"])]
+    yield from ((os_path(p) if local else p, r) for p, r in zip(row["files"], row["reasons"]))
     shard, shards = int(row["shard"]), int(row["shards"])
-    if local:
-        folder = os_path(row["folder"])
-        above = {**_root_above(location), folder_identity(os.stat(folder)): folder}
-        found = walk_local(folder, above, keep=lambda path: in_shard(path, shard, shards))
-    else:
-        selector = pafs.FileSelector(row["folder"], recursive=True)
-        found = sorted((i.path, "") for i in location.filesystem.get_file_info(selector)
-                       if i.type != pafs.FileType.Directory)
-    return [(path, reason) for path, reason in found if in_shard(path, shard, shards)]
+    for folder in row["folders"]:
+        if local:
+            folder = os_path(folder)
+            above = {**_root_above(location), folder_identity(os.stat(folder)): folder}
+            found = walk_local(folder, above, keep=lambda path: in_shard(path, shard, shards))
+        else:
+            selector = pafs.FileSelector(folder, recursive=True)
+            found = sorted((i.path, "") for i in location.filesystem.get_file_info(selector)
+                           if i.type != pafs.FileType.Directory)
+        yield from ((path, reason) for path, reason in found if in_shard(path, shard, shards))
 
 
 def list_below(row: dict[str, Any], location: PoolLocation) -> list[dict[str, Any]]:
-    """Every wanted entry of a listing unit (a sub-folder's tree or its shard, or a chunk of
-    top-level entries),
+    """Every wanted entry of a listing unit (sub-folders' trees, a sub-folder's shard, or a
+    chunk of top-level entries),
     as `{file, skip}`; `skip` says why an entry is not read, so that every file the user pointed
     at is either read or counted and named. A reason of the entry itself (a folder that cannot
     be listed, a symlink loop) is kept; for a file, what it is (hidden, not an image) comes

@@ -150,16 +150,20 @@ def list_pool_files(location: PoolLocation) -> ray.data.Dataset:
 
 
 def _list_and_read(batch: dict[str, Any], location: PoolLocation, column: str) -> Iterator[dict[str, Any]]:
-    """Ray task: one listing unit listed (`list_below`), then its files read ROWS_PER_READ_TASK at
-    a time, in the same task. No names wait between a listing and its reads: a listing task
-    that ran ahead of the pass would queue its names (~60 bytes a file) in the driver's heap,
-    as task outputs under Ray's 100 KiB inline limit go back to their owner rather than to the
-    object store; these blocks carry the files' bytes, which Ray Data's backpressure counts."""
-    listed = list_below({key: values[0] for key, values in batch.items()}, location)
-    for first in range(0, len(listed), ROWS_PER_READ_TASK):
-        chunk = listed[first:first + ROWS_PER_READ_TASK]
-        yield from _read_files({"file": [r["file"] for r in chunk], "skip": [r["skip"] for r in chunk]},
-                               location, column)
+    """Ray task: one listing unit listed (`list_below`) a folder at a time, and each folder's
+    files read ROWS_PER_READ_TASK at a time, in the same task. No names wait between a listing
+    and its reads: a listing task that ran ahead of the pass would queue its names (~60 bytes a
+    file) in the driver's heap, as task outputs under Ray's 100 KiB inline limit go back to
+    their owner rather than to the object store; these blocks carry the files' bytes, which Ray
+    Data's backpressure counts."""
+    unit = {key: values[0] for key, values in batch.items()}
+    parts = [{**unit, "folders": []}] + [{**unit, "files": [], "reasons": [], "folders": [f]} for f in unit["folders"]]
+    for part in parts:
+        listed = list_below(part, location)
+        for first in range(0, len(listed), ROWS_PER_READ_TASK):
+            chunk = listed[first:first + ROWS_PER_READ_TASK]
+            yield from _read_files({"file": [r["file"] for r in chunk], "skip": [r["skip"] for r in chunk]},
+                                   location, column)
 
 
 def read_pool(spec: str, image_column: str, classes: list[str] | None) -> ray.data.Dataset:

@@ -188,3 +188,13 @@ def test_listing_units_are_bounded_and_share_out_every_entry_exactly_once(tmp_pa
     assert [len(u["folders"]) for u in units] == [3, 3, 3, 3, 3, 3, 2]  # 20 sub-folders in groups
     files = [r["file"] for u in units for r in listing.list_below(u, location)]
     assert sorted(files) == sorted(str(p) for p in many.rglob("*.png")) and len(files) == 60
+
+
+def test_a_pool_of_more_sub_folders_than_units_is_read_whole_once(ray_session, tmp_path):
+    """Ray with 2 CPUs wants 8 units: 20 sub-folders are read in groups, each group's folders
+    one after another in one task; beside them a chunk of top-level files."""
+    root = _tree(tmp_path / "pool", {**{f"s{i:02d}/{j}.png": GOOD for i in range(20) for j in range(3)},
+                                     "top.png": GOOD})
+    rows = read_pool(str(root), "image", None).select_columns(["path", "error", "bytes"]).to_pandas()
+    assert sorted(rows["path"]) == sorted(str(p) for p in root.rglob("*.png")) and len(rows) == 61
+    assert (rows["error"] == "").all() and (rows["bytes"] == GOOD).all()

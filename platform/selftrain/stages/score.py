@@ -33,7 +33,7 @@ from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch, load_batch
 from selftrain.data.listing import SKIPPED
 from selftrain.errors import DataError, raised_in_tasks
-from selftrain.heap import returning_freed_memory
+from selftrain.heap import returning_freed_memory, reusing_freed_memory
 from selftrain.methods.pseudo_label import confidence
 from selftrain.training.loop import load_model
 
@@ -164,6 +164,7 @@ class TeacherScorer:
     def __init__(self, model_dir: str, use_gpu: bool, amp: bool, channels_last: bool, tta: Sequence[str] = (),
                  progress: dict[str, Any] | None = None):
         self.progress = progress  # {"board", "task"}: each batch posted to the CLI's progress board
+        reusing_freed_memory()  # Ray Data calls the model from a thread: see `heap`
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.spec = load_model(model_dir)
         self.on_gpu = self.device.type == "cuda"

@@ -13,6 +13,7 @@ import pytest
 from selftrain.config import ScoringConfig
 from selftrain.data import listing
 from selftrain.data.listing import glob_regex
+from selftrain.data import pool as pool_module
 from selftrain.data.pool import read_pool
 from selftrain.errors import DataError
 from selftrain.models.registry import build_model
@@ -191,10 +192,11 @@ def test_listing_units_are_bounded_and_share_out_every_entry_exactly_once(tmp_pa
 
 
 def test_a_pool_of_more_sub_folders_than_units_is_read_whole_once(ray_session, tmp_path):
-    """Ray with 2 CPUs wants 8 units: 20 sub-folders are read in groups, each group's folders
-    one after another in one task; beside them a chunk of top-level files."""
-    root = _tree(tmp_path / "pool", {**{f"s{i:02d}/{j}.png": GOOD for i in range(20) for j in range(3)},
+    """The 2-CPU test Ray wants MIN_UNITS (64) units: 100 sub-folders are read in groups of 2,
+    each group's folders one after the other in one task; beside them a chunk of top-level files."""
+    assert pool_module.MIN_UNITS < 100
+    root = _tree(tmp_path / "pool", {**{f"s{i:03d}/{j}.png": GOOD for i in range(100) for j in range(2)},
                                      "top.png": GOOD})
     rows = read_pool(str(root), "image", None).select_columns(["path", "error", "bytes"]).to_pandas()
-    assert sorted(rows["path"]) == sorted(str(p) for p in root.rglob("*.png")) and len(rows) == 61
+    assert sorted(rows["path"]) == sorted(str(p) for p in root.rglob("*.png")) and len(rows) == 201
     assert (rows["error"] == "").all() and (rows["bytes"] == GOOD).all()

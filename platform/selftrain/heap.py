@@ -1,4 +1,4 @@
-"""Tune glibc's malloc for two kinds of process: the driver over a long pass, and a model's workers.
+"""Tune glibc's malloc for two kinds of process: the driver over a long pass, and the scoring actor.
 
 `returning_freed_memory`: give the driver's freed heap back to the operating system while a
 long pass runs.

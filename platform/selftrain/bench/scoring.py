@@ -40,9 +40,9 @@ from PIL import Image
 
 from selftrain.bench.driver_memory import score_generated_pool
 from selftrain.config import ScoringConfig
-from selftrain.heap import reusing_freed_memory
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch
+from selftrain.heap import reusing_freed_memory
 from selftrain.stages.score import TeacherScorer, concurrent_batches, decoded, infer, rows_per_task
 from selftrain.training.loop import load_model
 
@@ -119,7 +119,7 @@ def bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: b
     # A scoring actor gets `cpus_per_actor` CPUs and Ray sets its OMP_NUM_THREADS to match.
     threads = torch.get_num_threads()
     torch.set_num_threads(max(int(cfg.cpus_per_actor), 1))
-    reusing_freed_memory()  # as the pipeline's actor or worker does: like with like
+    reusing_freed_memory()  # as the scoring actor does (`heap`): like with like; for the rest of this process
     try:
         return _bare_loop(model_dir, images, cfg, use_gpu, graphs)
     finally:

@@ -363,11 +363,11 @@ def _below(row: dict[str, Any], location: PoolLocation) -> Iterator[tuple[str, s
 
 def list_below(row: dict[str, Any], location: PoolLocation) -> list[dict[str, Any]]:
     """Every wanted entry of a listing unit (sub-folders' trees, a sub-folder's shard, or a
-    chunk of top-level entries),
-    as `{file, skip}`; `skip` says why an entry is not read, so that every file the user pointed
-    at is either read or counted and named. A reason of the entry itself (a folder that cannot
-    be listed, a symlink loop) is kept; for a file, what it is (hidden, not an image) comes
-    before why it cannot be read (a dangling symlink to a `.txt` is an unsupported extension)."""
+    chunk of top-level entries) as `{file, skip}`; `skip` says why an entry is not read, so
+    that every file the user pointed at is either read or counted and named. A reason of the
+    entry itself (a folder that cannot be listed, a symlink loop) is kept; for a file, what it
+    is (hidden, not an image) comes before why it cannot be read (a dangling symlink to a
+    `.txt` is an unsupported extension)."""
     out = []
     for path, reason in _below(row, location):
         if wanted(location, path):

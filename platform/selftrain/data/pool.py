@@ -25,7 +25,9 @@ from selftrain.errors import DataError
 
 ROWS_PER_READ_TASK = 256  # files read into one batch (a scoring pass's read tasks are fused with its
 # decode tasks, which batch them again: `stages.score.rows_per_task`)
-UNITS_PER_CPU = 4  # listing units (sub-folders, their shards, chunks of top-level files) per CPU
+UNITS_PER_CPU = 4  # listing units (sub-folders, their shards, chunks of top-level files) per CPU,
+MIN_UNITS = 64  # and at least this many: a cluster may grow after the pass is planned (cluster.yaml's
+# head has no CPUs and its workers start at 0), and each unit costs the driver ~5 KB while it waits
 LIST_CPUS = 0.5  # every pool task: a whole CPU beside a 1-CPU scoring actor on 2 cores never runs
 
 
@@ -136,10 +138,10 @@ def _check_column(location: PoolLocation, parquet_file: str, column: str) -> Non
 
 def listing_units(location: PoolLocation) -> ray.data.Dataset:
     """Lazy listing units (`listing.list_top_level`), one per block so that units are listed
-    and read in parallel: about UNITS_PER_CPU for each CPU of the cluster."""
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    and read in parallel: UNITS_PER_CPU for each CPU of the cluster, MIN_UNITS at least."""
+    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
     seed = ray.data.from_items([{"root": location.root}])
-    top = seed.flat_map(list_top_level, fn_kwargs={"location": location, "units": UNITS_PER_CPU * max(cpus, 1)},
+    top = seed.flat_map(list_top_level, fn_kwargs={"location": location, "units": max(UNITS_PER_CPU * cpus, MIN_UNITS)},
                         num_cpus=LIST_CPUS)
     return top.repartition(target_num_rows_per_block=1)
 

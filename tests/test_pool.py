@@ -200,3 +200,19 @@ def test_a_pool_of_more_sub_folders_than_units_is_read_whole_once(ray_session, t
     rows = read_pool(str(root), "image", None).select_columns(["path", "error", "bytes"]).to_pandas()
     assert sorted(rows["path"]) == sorted(str(p) for p in root.rglob("*.png")) and len(rows) == 201
     assert (rows["error"] == "").all() and (rows["bytes"] == GOOD).all()
+
+
+def test_an_object_store_folder_is_sharded_alike(tmp_path):
+    """The pyarrow branch (object stores): a filesystem that is not the local one, here a
+    SubTreeFileSystem over a folder, lists each shard's files from the prefix's listing."""
+    import pyarrow.fs as pafs
+
+    _tree(tmp_path, {**{f"pool/only/{i % 5}/{i}.png": GOOD for i in range(120)}, "pool/top.png": GOOD})
+    location = listing.PoolLocation("sub://pool", pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()),
+                                    "pool", False, None, "sub://")
+    units = listing.list_top_level({"root": "pool"}, location, units=4)
+    assert [(u["folders"], u["shard"], u["shards"]) for u in units if u["folders"]] == [(["pool/only"], i, 4)
+                                                                                       for i in range(4)]
+    files = [r["file"] for u in units for r in listing.list_below(u, location)]
+    assert sorted(files) == sorted(["pool/top.png"] + [f"pool/only/{i % 5}/{i}.png" for i in range(120)])
+    assert len(files) == 121  # each once

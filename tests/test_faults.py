@@ -133,6 +133,40 @@ def test_sigterm_during_training_marks_the_runs_killed_and_exits_143(tmp_path):
     assert {r.info.status for r in runs} == {"KILLED"}
 
 
+SLOW_CLEANUP = """
+import sys, time
+from types import SimpleNamespace
+import selftrain.cli as cli
+
+def command(args):  # a command whose cleanup is slower than `ray job stop`'s 3 s before SIGKILL
+    print("running", flush=True)
+    try:
+        time.sleep(60)
+    finally:
+        time.sleep(60)
+
+cli.build_parser = lambda: SimpleNamespace(parse_args=lambda argv: SimpleNamespace(handler=command))
+sys.exit(cli.main([]))
+"""
+
+
+def test_sigterm_is_answered_before_a_slow_cleanup_so_a_sigkill_after_it_cannot_hide_how_to_resume(tmp_path):
+    """`ray job stop` sends SIGKILL 3 s after SIGTERM; the message must not wait for the cleanup."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLEANUP], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        proc.kill()  # what Ray's job supervisor does next
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert err.strip() == "selftrain: terminated (SIGTERM); re-run the same command to resume"
+
+
 def test_the_same_config_and_seed_give_the_same_pool_index_and_the_same_weights(ray_session, digits, tmp_path):
     """An online method (FlexMatch: weak and strong views of the pool made in Ray Data tasks, a
     labeled stream repeated and keyed) trained twice from scratch ends on the same weights, the

@@ -12,7 +12,8 @@ from typing import Any
 
 from selftrain import __version__
 from selftrain.console import LOGGER
-from selftrain.errors import SIGTERM_RECEIVED, SelftrainError, Terminated, full_disk_named, raise_terminated
+from selftrain.errors import (SIGTERM_RECEIVED, TERMINATED_MESSAGE, SelftrainError, Terminated, full_disk_named,
+                             raise_terminated, say_terminated_to)
 from selftrain.fsio import OutputLock
 from selftrain.masking import redact
 
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     SIGTERM_RECEIVED.clear()
     main_thread = threading.current_thread() is threading.main_thread()
+    terminal = _stderr_copy() if main_thread else None
+    say_terminated_to(terminal)  # the handler says it was stopped there, at once
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         return args.handler(args)
@@ -357,13 +360,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`, or Ray's re-raise of it)
         if isinstance(exc, Terminated) or SIGTERM_RECEIVED.is_set():
-            print("selftrain: terminated (SIGTERM); re-run the same command to resume", file=sys.stderr)
+            if terminal is None:  # the handler could not say it (stderr without a file descriptor)
+                print(TERMINATED_MESSAGE, file=sys.stderr)
             return 143
         print("selftrain: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if terminal is not None:
+            say_terminated_to(None)
+            os.close(terminal)
+
+
+def _stderr_copy() -> int | None:
+    """A duplicate of stderr's file descriptor as the command starts (the console later points
+    fd 2 at its log file), or None where stderr has none (a test's captured stream)."""
+    try:
+        return os.dup(sys.stderr.fileno())
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 if __name__ == "__main__":

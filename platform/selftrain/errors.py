@@ -4,6 +4,7 @@ The CLI prints these as one clear message without a traceback; anything else is 
 """
 
 import errno
+import os
 import re
 import shutil
 import threading
@@ -57,7 +58,30 @@ class Terminated(KeyboardInterrupt):
 SIGTERM_RECEIVED = threading.Event()
 
 
+TERMINATED_MESSAGE = "selftrain: terminated (SIGTERM); re-run the same command to resume"
+
+
+_say_terminated_to: int | None = None  # set by the CLI: see `raise_terminated`
+
+
+def say_terminated_to(fd: int | None) -> None:
+    """Where `raise_terminated` says TERMINATED_MESSAGE (a file descriptor: a copy of the
+    terminal's stderr, which the CLI's log redirect leaves alone), or None: not at all."""
+    global _say_terminated_to
+    _say_terminated_to = fd
+
+
 def raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler. It says TERMINATED_MESSAGE at once (`say_terminated_to`), then
+    raises: `ray job stop` sends SIGKILL 3 s after SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), and on a
+    busy machine the cleanup (MLflow runs marked KILLED, Ray Train stopped) can take that long,
+    so a message printed after it could be cut off. `os.write`: a raw write, safe even when the
+    signal came in the middle of a print."""
+    if _say_terminated_to is not None and not SIGTERM_RECEIVED.is_set():
+        try:
+            os.write(_say_terminated_to, (TERMINATED_MESSAGE + "\n").encode())
+        except OSError:
+            pass  # stderr closed: the exit code (143) still says it
     SIGTERM_RECEIVED.set()
     raise Terminated(f"received signal {signum}")
 

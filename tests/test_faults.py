@@ -139,8 +139,8 @@ from types import SimpleNamespace
 import selftrain.cli as cli
 
 def command(args):  # a command whose cleanup is slower than `ray job stop`'s 3 s before SIGKILL
-    print("running", flush=True)
     try:
+        print("running", flush=True)  # inside the try: a SIGTERM right after it still meets the cleanup
         time.sleep(60)
     finally:
         time.sleep(60)

@@ -1,6 +1,6 @@
 """Where the driver's memory goes during one pool pass: a diagnostic, not a bench part.
 
-    python -m selftrain.bench.driver_profile --files 200000 [--memray out.bin] [--rows-per-read-task 4096]
+    python -m selftrain.bench.driver_profile --files 200000 [--memray out.bin]
 
 Writes a pool of `--files` small PNGs (`driver_memory.write_pool`), runs a warm-up pass over a
 tenth of it, then scores the pool through the real `read_pool` and `score_pool` while a thread
@@ -90,10 +90,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200_000)
     parser.add_argument("--num-cpus", type=int, default=4)
     parser.add_argument("--memray", help="write a memray capture of the pass here and print what is live at its peak")
-    parser.add_argument("--rows-per-read-task", type=int, help="override data.pool.ROWS_PER_READ_TASK")
     args = parser.parse_args()
 
-    import selftrain.data.pool as pool
+    from selftrain.data.pool import read_pool
     from selftrain.bench import _model_dir
     from selftrain.bench.driver_memory import score_generated_pool, write_pool
     from selftrain.config import ScoringConfig
@@ -106,8 +105,6 @@ def main() -> None:
         except ImportError:
             parser.error("--memray needs memray (pip install memray; Linux and macOS), not a selftrain dependency")
         Path(args.memray).unlink(missing_ok=True)
-    if args.rows_per_read_task:
-        pool.ROWS_PER_READ_TASK = args.rows_per_read_task
     init_ray(num_cpus=args.num_cpus)
     work = Path(tempfile.mkdtemp(prefix="selftrain-driver-profile-"))
     cfg = ScoringConfig(batch_size=1024, cpus_per_actor=1.0)  # the bench's driver-memory settings
@@ -118,7 +115,7 @@ def main() -> None:
         tracker = memray.Tracker(args.memray, native_traces=True) if args.memray else nullcontext()
         rss_before = psutil.Process().memory_info().rss / 2**20
         with QueueSampler() as sampler, tracker:
-            score_pool(pool.read_pool(str(work / "pool"), "image", None), model, cfg, 8, work / "out",
+            score_pool(read_pool(str(work / "pool"), "image", None), model, cfg, 8, work / "out",
                        pool_name="profile")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -163,6 +163,13 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
             results["training"] = repeated("training", repeats, lambda: run_training(
                 sizes.training_arch, sizes.training_images, sizes.training_size, sizes.training_epochs,
                 sizes.training_batch, sizes.cpus_per_actor, use_gpu), say)
+            if use_gpu:
+                from selftrain.bench.training import training_extras
+
+                say("training: pinned host memory, four batches prefetched (once)")
+                results["training"].update(training_extras(
+                    sizes.training_arch, sizes.training_images, sizes.training_size, sizes.training_epochs,
+                    sizes.training_batch, sizes.cpus_per_actor, results["training"]["bare_images_per_s"]))
         if "plumbing" in parts:
             from selftrain.bench.plumbing import run_plumbing
 
@@ -234,6 +241,9 @@ def table(results: dict[str, Any]) -> str:
                 s["graphs_bare_images_per_s"], None, ratio=s["graphs_ratio"])
         elif "graphs_error" in s:
             lines.append(f"   both sides with CUDA graphs (experiment): failed, {s['graphs_error']}")
+        if "two_calls_ratio" in s:
+            row("   scoring.concurrent_batches=2 (experiment)", s["two_calls_pipeline_images_per_s"],
+                s["two_calls_bare_images_per_s"], None, ratio=s["two_calls_ratio"])
         row("   CPU decode+resize, one process", s["cpu_decode_images_per_s_one_process"], None, None)
         if "pool_pass_images_per_s" in s:
             row(f"   pool pass: {s['pool_pass_images']:,} files -> scores Parquet", s["pool_pass_images_per_s"],
@@ -244,6 +254,11 @@ def table(results: dict[str, Any]) -> str:
         t = results["training"]
         row("2. training, Ray Train 1 worker vs bare", t["ray_train_images_per_s"], t["bare_images_per_s"],
             "training_ratio")
+        if "pinned_training_ratio" in t:
+            row("   pinned host memory, 4 prefetched (experiment)", t["pinned_ray_train_images_per_s"],
+                t["bare_images_per_s"], None, ratio=t["pinned_training_ratio"])
+        elif "pinned_error" in t:
+            lines.append(f"   pinned host memory (experiment): failed, {t['pinned_error']}")
     if "driver_memory" in results:
         d = results["driver_memory"]
         for name in ("small", "large"):

@@ -410,4 +410,8 @@ def scoring_extras(model_dir: str, given: ScoringInput, cfg: ScoringConfig, size
                           graphs_bare_images_per_s=graphed["bare_images_per_s"], graphs_ratio=graphed["scoring_ratio"])
         except Exception as error:  # noqa: BLE001 - whatever breaks, the measured parts above stand
             result["graphs_error"] = f"{type(error).__name__}: {error}"
+        # Fewer call threads: less contention for the GIL while each launches its batch's kernels.
+        two = run_scoring(model_dir, given, cfg.model_copy(update={"concurrent_batches": 2}), True)
+        result.update(two_calls_pipeline_images_per_s=two["pipeline_images_per_s"],
+                      two_calls_bare_images_per_s=two["bare_images_per_s"], two_calls_ratio=two["scoring_ratio"])
     return result

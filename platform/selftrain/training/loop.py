@@ -143,8 +143,10 @@ class _Stream:
     cost of decoding them once more (less than one pass)."""
 
     def __init__(self, shard: Any, name: str, batch_size: int, device: torch.device, drop: bool, seed: int,
-                 shuffle_buffer: int | None, passes: Any = None, position: Sequence[int] | None = None):
+                 shuffle_buffer: int | None, passes: Any = None, position: Sequence[int] | None = None,
+                 prefetch: int = 1, pin_memory: bool = False):
         self.shard, self.name, self.batch_size, self.device, self.drop = shard, name, batch_size, device, drop
+        self.prefetch, self.pin_memory = prefetch, pin_memory and device.type == "cuda"
         self.seed, self.shuffle_buffer, self.passes = seed, shuffle_buffer, passes
         self.passes_done, self.used = (int(position[0]), int(position[1])) if position else (0, 0)
         self._batches: Iterator[dict[str, torch.Tensor]] | None = None
@@ -157,6 +159,7 @@ class _Stream:
             ray.get(self.passes.start.remote(self.name, self.passes_done))
         pass_seed = seed_of(self.seed, self.passes_done)
         batches = self.shard.iter_torch_batches(batch_size=self.batch_size, device=self.device, drop_last=self.drop,
+                                                prefetch_batches=self.prefetch, pin_memory=self.pin_memory,
                                                 local_shuffle_buffer_size=self.shuffle_buffer,
                                                 local_shuffle_seed=pass_seed % 2**32 if self.shuffle_buffer else None)
         self._batches = iter(batches if self.shuffle_buffer else _mixed(batches, torch.Generator().manual_seed(pass_seed)))
@@ -340,17 +343,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
 
     split_train = config.get("split_train", True)
+    # How batches reach the device: Ray Data's defaults (one batch prefetched, pageable memory)
+    # unless the config says otherwise (the bench's GPU training extra tries pinned memory).
+    host_batches = {"prefetch": config.get("prefetch_batches", 1), "pin_memory": config.get("pin_memory", False)}
     positions = (state or {}).get("streams", {})
     train = _Stream(ray.train.get_dataset_shard("train"), "train", config["batch_size"], device,
                     drop=drop_last(config, world if split_train else 1), seed=seed_of(config["seed"], rank, "train"),
                     # A replicated stream is private to this rank: Ray's shuffle buffer is safe there.
                     shuffle_buffer=None if split_train and world > 1 else (config["shuffle_buffer"] or None),
-                    passes=config.get("stream_passes"), position=positions.get("train"))
+                    passes=config.get("stream_passes"), position=positions.get("train"), **host_batches)
     pool = None
     if config.get("online"):
         pool = _Stream(ray.train.get_dataset_shard("unlabeled"), "unlabeled", config["mu"] * config["batch_size"],
                        device, drop=True, seed=seed_of(config["seed"], rank, "unlabeled"), shuffle_buffer=None,
-                       passes=config.get("stream_passes"), position=positions.get("unlabeled"))
+                       passes=config.get("stream_passes"), position=positions.get("unlabeled"), **host_batches)
     streams = {"train": train, **({"unlabeled": pool} if pool else {})}
     validation = _decoded(config.get("validation"), config["image_size"])
     knn = config.get("knn")

@@ -152,9 +152,10 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
             given = scoring_input(sizes.scoring_images, sizes.scoring_source_size, sizes.image_size, scoring)
             results["scoring"] = repeated("scoring", repeats, lambda: run_scoring(scoring_model, given, scoring, use_gpu),
                                           say)
-            say("scoring: from JPEG bytes, the pool pass from files" + (", nvJPEG" if use_gpu else "") + " (once)")
+            say("scoring: " + ("CUDA graphs, two calls, nvJPEG, " if use_gpu else "")
+                + "from JPEG bytes, the pool pass from files (once)")
             results["scoring"].update(scoring_extras(scoring_model, given, scoring, sizes.image_size, use_gpu,
-                                                     results["scoring"]["bare_images_per_s"], tmp_root))
+                                                     results["scoring"]["bare_images_per_s"], tmp_root, say))
             del given
         if "training" in parts:
             from selftrain.bench.training import run_training
@@ -170,6 +171,8 @@ def run_bench(quick: bool, parts: list[str], tmp_root: str | None = None,
                 results["training"].update(training_extras(
                     sizes.training_arch, sizes.training_images, sizes.training_size, sizes.training_epochs,
                     sizes.training_batch, sizes.cpus_per_actor, results["training"]["bare_images_per_s"]))
+                say(f"   training extra: {results['training'].get('pinned_training_ratio', 'failed')} "
+                    f"({results['training'].get('pinned_ray_train_images_per_s', results['training'].get('pinned_error'))})")
         if "plumbing" in parts:
             from selftrain.bench.plumbing import run_plumbing
 

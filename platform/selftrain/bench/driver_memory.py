@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from selftrain.data.pool import read_pool
 from selftrain.stages.score import score_pool
 
 PER_FOLDER = 1000
+WRITERS = 16  # threads writing (and removing) a generated pool's folders
 SAMPLE_SECONDS = 0.02
 MIN_GROWTH_MB = 1.0
 READ_BINARY_FILES_BYTES_PER_FILE = 650  # ray.data.read_binary_files: the path list on the driver
@@ -47,11 +49,26 @@ def write_pool(root: Path, count: int, seed: int = 0, encoded: list[bytes] | Non
     """`count` image files in folders of PER_FOLDER, the `encoded` ones repeated cyclically (by
     default a few distinct small PNGs: written fast)."""
     encoded = encoded or _pngs(16, seed)
-    for folder_index, first in enumerate(range(0, count, PER_FOLDER)):
+
+    def write_folder(folder_index: int) -> None:
         folder = root / f"shard{folder_index:05d}"
         folder.mkdir(parents=True)
+        first = folder_index * PER_FOLDER
         for i in range(first, min(first + PER_FOLDER, count)):
             (folder / f"{i:08d}{suffix}").write_bytes(encoded[i % len(encoded)])
+
+    # Threads: file creation waits on the file system with the GIL released, so a 16-CPU node
+    # writes a pool of 1,000,000 files several times faster than one loop (none of it is timed).
+    with ThreadPoolExecutor(max_workers=WRITERS) as writers:
+        list(writers.map(write_folder, range(-(-count // PER_FOLDER))))
+
+
+def remove_pool(root: Path) -> None:
+    """`root` and everything below it, its sub-folders removed in threads (as `write_pool`)."""
+    with ThreadPoolExecutor(max_workers=WRITERS) as removers:
+        list(removers.map(lambda folder: shutil.rmtree(folder, ignore_errors=True),
+                          [p for p in root.glob("*/*") if p.is_dir()]))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class PeakRss:
@@ -97,7 +114,7 @@ def score_generated_pool(count: int, model_dir: str, image_size: int, cfg: Scori
         shards = list(Path(scores).glob("*.parquet"))
         rows = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_pool(work)
     growth = rss.peak - rss.before
     return {"files": count, "rows": rows, "generate_seconds": generate_seconds, "score_seconds": seconds,
             "images_per_s": count / seconds, "rss_before_mb": rss.before / 2**20,

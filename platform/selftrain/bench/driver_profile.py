@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import shutil
 import tempfile
 import threading
 import time
@@ -94,7 +93,7 @@ def main() -> None:
 
     from selftrain.data.pool import read_pool
     from selftrain.bench import _model_dir
-    from selftrain.bench.driver_memory import score_generated_pool, write_pool
+    from selftrain.bench.driver_memory import remove_pool, score_generated_pool, write_pool
     from selftrain.config import ScoringConfig
     from selftrain.ray_runtime import init_ray
     from selftrain.stages.score import score_pool
@@ -118,7 +117,7 @@ def main() -> None:
             score_pool(read_pool(str(work / "pool"), "image", None), model, cfg, 8, work / "out",
                        pool_name="profile")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_pool(work)
     peak = max(sampler.samples, key=lambda s: s[1])
     print(f"RSS before the pass {rss_before:.1f} MB; (seconds, RSS growth MB, "
           "{operator: [queued input blocks, queued output blocks, running tasks]}):")

@@ -113,16 +113,20 @@ def test_the_pool_pass_scores_every_file_into_parquet_and_is_printed_over_the_mo
                        str(tmp_path))
     assert passed["images"] == 305  # every file, none lost or doubled
     assert passed["images_per_s"] == pytest.approx(305 / passed["seconds"])
-    assert not list(tmp_path.glob("selftrain-bench-pass-*"))  # the files and scores are removed
+    # the batches' own stamps (the actor's clock, this node's) fall inside the timed pass
+    assert 0 < passed["first_scored_seconds"] <= passed["last_scored_seconds"] < passed["seconds"]
+    assert not list(tmp_path.glob("selftrain-bench-pool-*"))  # the files and scores are removed
 
     scoring = {"pipeline_images_per_s": 90.0, "bare_images_per_s": 100.0, "scoring_ratio": 0.9,
                "pipeline_cpu_decode_images_per_s": 50.0, "cpu_decode_images_per_s_one_process": 70.0,
                "pool_pass_images": 305, "pool_pass_seconds": 12.5, "pool_pass_images_per_s": 24.4,
-               "pool_pass_over_model": 0.244}
+               "pool_pass_over_model": 0.244, "pool_pass_first_scored_seconds": 4.25,
+               "pool_pass_last_scored_seconds": 9.0}
     results = {"mode": "quick", "device": "CPU", "scoring": scoring}
     results["ratios"] = ratios(results)
     line = next(line for line in table(results).splitlines() if "pool pass" in line)
     assert "305 files -> scores Parquet" in line and line.rstrip().endswith("24.4 img/s     100.0 img/s    0.244")
+    assert "(first batch scored 4.2 s in, the last 9.0 s in, 3.5 s after it to the checked Parquet)" in table(results)
 
 
 def test_the_cuda_graph_experiment_is_printed_beside_scoring_or_its_failure_is_named():

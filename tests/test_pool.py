@@ -222,10 +222,12 @@ def test_reading_a_scores_folder_starts_two_footer_actors_not_rays_default_32(ra
     # Ray 2.60's read_parquet starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS footer readers per read
     # (32 by default); init_ray sets 2 (`ray_runtime.PARQUET_FOOTER_ACTORS`). Counted from Ray's
     # own actor table, so a Ray that renamed the knob fails here.
+    import ray
     from ray.util.state import list_actors
 
-    def footer_readers() -> int:
-        return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000, raise_on_missing_output=False))
+    def footer_readers() -> int:  # this session's Ray: a parallel test process has its own
+        return len(list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
+                               filters=[("class_name", "=", "FooterReader")], raise_on_missing_output=False))
 
     scores = tmp_path / "scores"
     scores.mkdir()

@@ -253,6 +253,10 @@ def table(results: dict[str, Any]) -> str:
                 s["bare_images_per_s"], None, ratio=s["pool_pass_over_model"])
             lines.append(f"     (wall clock, {s['pool_pass_seconds']:.1f} s: listing, reading, CPU decode tasks, "
                          "actor start, scoring, Parquet write and check; bare = the model alone)")
+            if "pool_pass_first_scored_seconds" in s:
+                first, last = s["pool_pass_first_scored_seconds"], s["pool_pass_last_scored_seconds"]
+                lines.append(f"     (first batch scored {first:.1f} s in, the last {last:.1f} s in, "
+                             f"{s['pool_pass_seconds'] - last:.1f} s after it to the checked Parquet)")
     if "training" in results:
         t = results["training"]
         row("2. training, Ray Train 1 worker vs bare", t["ray_train_images_per_s"], t["bare_images_per_s"],

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -98,9 +99,11 @@ class PeakRss:
 
 def score_generated_pool(count: int, model_dir: str, image_size: int, cfg: ScoringConfig,
                          tmp_root: str | None, encoded: list[bytes] | None = None,
-                         suffix: str = ".png") -> dict[str, Any]:
+                         suffix: str = ".png", scorer: type | None = None) -> dict[str, Any]:
     """`count` image files written (`write_pool`; not timed), then the pool pass over them timed
-    from the listing to the checked scores Parquet, with the driver's RSS sampled throughout."""
+    from the listing to the checked scores Parquet, with the driver's RSS sampled throughout.
+    With a `scorer` that stamps each batch's `scored_at` (`bench.scoring.TimedScorer`, this
+    node's monotonic clock), also when the first and last batches were scored in the pass."""
     work = Path(tempfile.mkdtemp(prefix=f"selftrain-bench-pool-{count}-", dir=tmp_root))
     try:
         start = time.perf_counter()
@@ -109,17 +112,22 @@ def score_generated_pool(count: int, model_dir: str, image_size: int, cfg: Scori
         with PeakRss() as rss:
             start = time.perf_counter()
             scores = score_pool(read_pool(str(work / "pool"), "image", None), model_dir, cfg, image_size,
-                                work / "out", pool_name=f"bench pool of {count}")
+                                work / "out", pool_name=f"bench pool of {count}", scorer=scorer)
             seconds = time.perf_counter() - start
         shards = list(Path(scores).glob("*.parquet"))
         rows = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
+        phases = {}
+        if scorer is not None:  # when the model worked, within the pass
+            stamps = pq.read_table(scores, columns=["scored_at"]).column(0)
+            phases = {"first_scored_seconds": pc.min(stamps).as_py() - start,
+                      "last_scored_seconds": pc.max(stamps).as_py() - start}
     finally:
         remove_pool(work)
     growth = rss.peak - rss.before
     return {"files": count, "rows": rows, "generate_seconds": generate_seconds, "score_seconds": seconds,
             "images_per_s": count / seconds, "rss_before_mb": rss.before / 2**20,
             "rss_peak_mb": rss.peak / 2**20, "growth_mb": growth / 2**20,
-            "growth_bytes_per_file": growth / count, "scores_parquet_files": len(shards)}
+            "growth_bytes_per_file": growth / count, "scores_parquet_files": len(shards), **phases}
 
 
 def run_driver_memory(small: int, model_dir: str, image_size: int, cfg: ScoringConfig,

@@ -342,9 +342,11 @@ def pool_pass(model_dir: str, jpegs: list[bytes], cfg: ScoringConfig, size: int,
               tmp_root: str | None = None) -> dict[str, Any]:
     """The pool pass of a pipeline over `jpegs` written as .jpg files: wall-clock images/s from
     listing the folder to the checked scores Parquet (the files' writing is not timed)."""
-    passed = score_generated_pool(len(jpegs), model_dir, size, cfg, tmp_root, encoded=jpegs, suffix=".jpg")
+    passed = score_generated_pool(len(jpegs), model_dir, size, cfg, tmp_root, encoded=jpegs, suffix=".jpg",
+                                  scorer=TimedScorer)
     return {"images": passed["rows"], "seconds": passed["score_seconds"],
-            "images_per_s": passed["rows"] / passed["score_seconds"]}
+            "images_per_s": passed["rows"] / passed["score_seconds"],
+            "first_scored_seconds": passed["first_scored_seconds"], "last_scored_seconds": passed["last_scored_seconds"]}
 
 
 @dataclass
@@ -420,5 +422,7 @@ def scoring_extras(model_dir: str, given: ScoringInput, cfg: ScoringConfig, size
     files = pool_pass(model_dir, given.jpegs, cfg, size, tmp_root)
     measured(pool_pass_images=files["images"], pool_pass_seconds=files["seconds"],
              pool_pass_images_per_s=files["images_per_s"],
-             pool_pass_over_model=files["images_per_s"] / bare_images_per_s)
+             pool_pass_over_model=files["images_per_s"] / bare_images_per_s,
+             pool_pass_first_scored_seconds=files["first_scored_seconds"],
+             pool_pass_last_scored_seconds=files["last_scored_seconds"])
     return result

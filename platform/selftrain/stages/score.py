@@ -245,12 +245,14 @@ def scored(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def score(
     rows: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int,
     from_paths: bool, parquet_column: str = "image", tta: Sequence[str] = (), progress: dict[str, Any] | None = None,
+    scorer: type | None = None,
 ) -> ray.data.Dataset:
     """Lazy: `{path, bytes|.., ...}` rows -> `{path, ..., error, logits, prediction, confidence}`.
     `tta` only from `score_pool`: the test set (`evaluate`) is scored on the plain image;
     `progress` (`console.progress_task`) posts each batch to the CLI's progress board."""
     return infer(decoded(rows, image_size, from_paths, cfg, parquet_column), model_dir, cfg,
-                 **({"tta": tuple(tta)} if tta else {}), **({"progress": progress} if progress else {}))
+                 **({"tta": tuple(tta)} if tta else {}), **({"progress": progress} if progress else {}),
+                 **({"scorer": scorer} if scorer else {}))
 
 
 def decoded(rows: ray.data.Dataset, image_size: int, from_paths: bool, cfg: ScoringConfig,
@@ -282,9 +284,11 @@ def infer(decoded: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, scorer:
 
 
 def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image_size: int, out_dir: Path,
-               pool_name: str = "data.unlabeled", progress: dict[str, Any] | None = None) -> str:
+               pool_name: str = "data.unlabeled", progress: dict[str, Any] | None = None,
+               scorer: type | None = None) -> str:
     """Score every pool image and write `{path, label, error, logits, prediction, confidence}`
     as sharded Parquet; then stop with DataError if the pool was empty or mostly unreadable.
+    `scorer` (a `TeacherScorer` subclass) lets the bench time each batch of a real pass.
     Under `cfg.tta` the views' mean probability p̄ is scored: `logits` = log p̄."""
     scores_dir = out_dir / "scores"
     # The driver's freed heap goes back to the system as the pass runs (`heap`): else its RSS
@@ -293,7 +297,8 @@ def score_pool(pool: ray.data.Dataset, model_dir: str, cfg: ScoringConfig, image
         # Write tasks at half a CPU, as every other pool task: at Ray's default (1 CPU) they wait
         # behind the scoring actor and the decode tasks on a 2-core machine until decoding ends.
         with raised_in_tasks():  # a Parquet pool file that cannot be read: a DataError naming it
-            score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta, progress=progress).write_parquet(
+            score(pool, model_dir, cfg, image_size, from_paths=False, tta=cfg.tta, progress=progress,
+                  scorer=scorer).write_parquet(
                 str(scores_dir), min_rows_per_file=ROWS_PER_SCORES_FILE, ray_remote_args={"num_cpus": 0.5})
         check_scores(str(scores_dir), cfg.max_rejected_fraction, pool_name)
     return str(scores_dir)

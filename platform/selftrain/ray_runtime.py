@@ -14,10 +14,10 @@ from selftrain.errors import ClusterError
 #
 # Ray keeps only `num_cpus` idle workers and kills the rest after 1 s; each pass over a training
 # stream (every few dozen steps on a small pool) then starts fresh workers that import torch
-# again (28 worker starts in 3 minutes of a FixMatch run on 2 cores). A local run keeps a few
-# more warm for longer.
-LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_num_workers_soft_limit": "8",
-             "RAY_idle_worker_killing_time_threshold_ms": "60000"}
+# again (28 worker starts in 3 minutes of a FixMatch run on 2 cores). A local run keeps more
+# warm for longer: as many as its half-CPU pool tasks run at once (two per CPU), at least 8.
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_idle_worker_killing_time_threshold_ms": "60000"}
+MIN_WARM_WORKERS = 8
 # Ray 2.60's `read_parquet` starts 32 footer-reading actors for every read, whatever the number of
 # files, and kills them after the listing: each is a fresh Python process that imports Ray. Checking
 # one 8,192-row scores file (`stages.score.check_scores`) took 10-13 s on a local Ray of 16 CPUs
@@ -49,7 +49,8 @@ def init_ray(num_cpus: int | None = None) -> bool:
         ray.init(address=address)
         check_cluster_dependencies()
     else:
-        for key, value in LOCAL_ENV.items():
+        warm = max(MIN_WARM_WORKERS, 2 * (num_cpus or os.cpu_count() or 1))
+        for key, value in {**LOCAL_ENV, "RAY_num_workers_soft_limit": str(warm)}.items():
             os.environ.setdefault(key, value)  # inherited by the Ray processes started below
         # `address="local"` starts a private Ray even when another one runs on this machine.
         # The dashboard (loopback only) hosts the State API that Ray Train V2's placement-group

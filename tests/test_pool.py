@@ -217,22 +217,3 @@ def test_an_object_store_folder_is_sharded_alike(tmp_path):
     assert sorted(files) == sorted(["pool/top.png"] + [f"pool/only/{i % 5}/{i}.png" for i in range(120)])
     assert len(files) == 121  # each once
 
-
-def test_reading_a_scores_folder_starts_two_footer_actors_not_rays_default_32(ray_session, tmp_path):
-    # Ray 2.60's read_parquet starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS footer readers per read
-    # (32 by default); init_ray sets 2 (`ray_runtime.PARQUET_FOOTER_ACTORS`). Counted from Ray's
-    # own actor table, so a Ray that renamed the knob fails here.
-    import ray
-    from ray.util.state import list_actors
-
-    def footer_readers() -> int:  # this session's Ray: a parallel test process has its own
-        return len(list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
-                               filters=[("class_name", "=", "FooterReader")], raise_on_missing_output=False))
-
-    scores = tmp_path / "scores"
-    scores.mkdir()
-    pd.DataFrame({"path": [f"/pool/{i}.png" for i in range(50)], "error": [""] * 49 + ["unreadable file: x"]}
-                 ).to_parquet(scores / "part-0.parquet")
-    before = footer_readers()
-    assert check_scores(str(scores), 0.5, "pool") == (50, 1)
-    assert footer_readers() - before == 2

@@ -18,14 +18,6 @@ from selftrain.errors import ClusterError
 # warm for longer: as many as its half-CPU pool tasks run at once (two per CPU), at least 8.
 LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_idle_worker_killing_time_threshold_ms": "60000"}
 MIN_WARM_WORKERS = 8
-# Ray 2.60's `read_parquet` starts 32 footer-reading actors for every read, whatever the number of
-# files, and kills them after the listing: each is a fresh Python process that imports Ray. Checking
-# one 8,192-row scores file (`stages.score.check_scores`) took 10-13 s on a local Ray of 16 CPUs
-# (on 2 cores), 1.0-1.3 s with two actors; an 8,192-file pool pass 24 s against 16 s. selftrain's Parquet folders
-# (scores, pseudo-labels, the pool index) hold one file per ~50,000 rows, so two actors, each
-# reading up to 128 footers at once, are plenty. Read by `read_parquet` on the driver, so it is
-# set for every run, local or on a cluster; a value the user exported wins.
-PARQUET_FOOTER_ACTORS = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 # What every node must import to run a pipeline stage.
 REQUIRED_MODULES = ("selftrain", "torch", "torchvision", "mlflow")
 _PROBE_TIMEOUT_S = 5.0
@@ -34,8 +26,6 @@ _PROBE_TIMEOUT_S = 5.0
 def init_ray(num_cpus: int | None = None) -> bool:
     """Connect to RAY_ADDRESS, or start a private local Ray; True when this call started or
     joined one (False: Ray was already up in this process)."""
-    for key, value in PARQUET_FOOTER_ACTORS.items():
-        os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_address_answers(address)  # before importing ray: seconds, not the import's cost

@@ -216,4 +216,3 @@ def test_an_object_store_folder_is_sharded_alike(tmp_path):
     files = [r["file"] for u in units for r in listing.list_below(u, location)]
     assert sorted(files) == sorted(["pool/top.png"] + [f"pool/only/{i % 5}/{i}.png" for i in range(120)])
     assert len(files) == 121  # each once
-

@@ -216,3 +216,31 @@ def test_an_object_store_folder_is_sharded_alike(tmp_path):
     files = [r["file"] for u in units for r in listing.list_below(u, location)]
     assert sorted(files) == sorted(["pool/top.png"] + [f"pool/only/{i % 5}/{i}.png" for i in range(120)])
     assert len(files) == 121  # each once
+
+
+def _footer_actors():
+    """FooterReader actors this Ray has ever started (dead ones stay in the GCS table)."""
+    import ray
+
+    return sum(1 for actor in ray._private.state.actors().values() if actor["ActorClassName"] == "FooterReader")
+
+
+def test_platform_parquet_reads_start_no_footer_actor(ray_session, tmp_path, monkeypatch):
+    """The platform's Parquet folders are read through Ray's V1 datasource: all rows, no
+    FooterReader actor (Ray 2.60's default V2 read starts 32 for every read; here, one, so the
+    count is seen to move), and the user's DataContext switch is left as it was."""
+    import ray.data
+
+    from selftrain.data.parquet import read_parquet
+
+    for part in range(3):
+        pd.DataFrame({"a": np.arange(10) + 10 * part}).to_parquet(tmp_path / f"{part}.parquet")
+    context = ray.data.DataContext.get_current()
+    assert context.use_datasource_v2  # Ray 2.60's default, which the helper must not change
+    before = _footer_actors()
+    rows = read_parquet(str(tmp_path), num_cpus=0.5).map_batches(lambda b: {"a": b["a"] * 2}).to_pandas()
+    assert sorted(rows["a"]) == list(range(0, 60, 2))
+    assert _footer_actors() == before and context.use_datasource_v2
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    assert len(ray.data.read_parquet(str(tmp_path)).map_batches(lambda b: b).to_pandas()) == 30
+    assert _footer_actors() == before + 1

@@ -19,6 +19,7 @@ from ray.data.expressions import col
 
 from selftrain.config import PipelineConfig
 from selftrain.data.listing import data_roots
+from selftrain.data.parquet import read_parquet
 from selftrain.errors import TrainingError
 from selftrain.stages.failed_images import failed_images_actor
 from selftrain.stages.passes import stream_passes_actor
@@ -30,7 +31,7 @@ def pretrain_views(cfg: PipelineConfig, pool_index: dict[str, Any], failed_image
                    passes: Any = None) -> ray.data.Dataset:
     """The pool's two views per image, in the index's (once shuffled) order, streamed."""
     cpus, pretrain = cfg.train.data_cpus_per_task, cfg.pretrain
-    readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
+    readable = read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     paths = keyed_repeats(readable.select_columns(["path"]), _repeats(pool_index["rows"], pretrain.batch_size), cpus,
                           data_roots(cfg.data).pool)
     return paths.map_batches(contrastive_views, fn_kwargs={

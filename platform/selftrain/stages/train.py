@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from selftrain.config import MethodConfig, PipelineConfig
 from selftrain.console import progress_board
 from selftrain.data.listing import data_roots
+from selftrain.data.parquet import read_parquet
 from selftrain.errors import TrainingError
 from selftrain.seeds import relative_key
 from selftrain.stages.failed_images import failed_images_actor, failed_images_report
@@ -110,7 +111,7 @@ def unlabeled_views(cfg: PipelineConfig, method: MethodConfig, pool_index: dict[
     training loop mixes rows across windows of batches)."""
     cpus = cfg.train.data_cpus_per_task
     repeats = _repeats(pool_index["rows"], method.mu * cfg.train.batch_size)
-    readable = ray.data.read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
+    readable = read_parquet(pool_index["dir"], num_cpus=cpus).filter(expr=col("index") >= 0)
     index = keyed_repeats(readable.select_columns(["path", "label", "index"]), repeats, cpus, data_roots(cfg.data).pool)
     return index.map_batches(pool_views, fn_kwargs={"size": cfg.data.image_size, "noise": cfg.noise,
                                                  "parquet_column": cfg.data.parquet_image_column,
@@ -158,7 +159,7 @@ def training_dataset(cfg: PipelineConfig, labeled: pd.DataFrame, num_classes: in
     dataset = labeled_rows.map_batches(prepare_rows, fn_kwargs={**prepare, "target_column": "target"},
                                        batch_size=64, num_cpus=cpus)
     if pseudo_dir:
-        pseudo = ray.data.read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
+        pseudo = read_parquet(pseudo_dir, num_cpus=cpus).select_columns(["path", "soft_target"])
         dataset = dataset.union(keyed_repeats(pseudo, repeats, cpus, pool_root).map_batches(
             prepare_rows, fn_kwargs={**prepare, "target_column": "soft_target"}, batch_size=64, num_cpus=cpus))
     return dataset.randomize_block_order(seed=cfg.seed)

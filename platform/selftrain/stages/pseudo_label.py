@@ -39,10 +39,10 @@ class PoolStats:
     kept_with_truth: int = 0
     histogram_kept: list[int] = field(default_factory=lambda: [0] * BINS)
     histogram_dropped: list[int] = field(default_factory=lambda: [0] * BINS)
-    rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason: the first LISTED
+    rejected: list[dict[str, str]] = field(default_factory=list)  # path, reason: the first LISTED by path
     rejected_count: int = 0  # every unreadable file (the scores Parquet lists them all)
     # Read images whose teacher logits hold NaN or inf (confidence NaN, `stages.score.scored`):
-    # never pseudo-labelled, not in `scored`; the first LISTED named.
+    # never pseudo-labelled, not in `scored`; the first LISTED by path named.
     non_finite: list[dict[str, str]] = field(default_factory=list)
     non_finite_count: int = 0
 
@@ -73,11 +73,16 @@ def _batch_stats(batch: pd.DataFrame, threshold: float, num_classes: int) -> pd.
         "kept_with_truth": int((kept & truth).sum()),
         "histogram_kept": np.histogram(good["confidence"][kept], bins)[0].tolist(),
         "histogram_dropped": np.histogram(good["confidence"][~kept], bins)[0].tolist(),
-        "rejected": [{"path": p, "reason": r} for p, r in zip(batch["path"][bad][:LISTED], batch["error"][bad][:LISTED])],
+        "rejected": [{"path": p, "reason": r} for p, r in sorted(zip(batch["path"][bad], batch["error"][bad]))[:LISTED]],
         "rejected_count": int(bad.sum()),
-        "non_finite": [{"path": p, "reason": NON_FINITE} for p in batch["path"][non_finite][:LISTED]],
+        "non_finite": [{"path": p, "reason": NON_FINITE} for p in sorted(batch["path"][non_finite])[:LISTED]],
         "non_finite_count": int(non_finite.sum()),
     }])
+
+
+def _first_by_path(named: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The LISTED first by path: the same files named whatever order the blocks come in."""
+    return sorted(named, key=lambda row: row["path"])[:LISTED]
 
 
 def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int,
@@ -95,9 +100,9 @@ def pool_stats(scores: ray.data.Dataset, threshold: float, num_classes: int,
         stats.kept_with_truth += int(part["kept_with_truth"])
         for name in ("kept_per_class", "histogram_kept", "histogram_dropped"):
             setattr(stats, name, np.add(getattr(stats, name), part[name]).astype(int).tolist())
-        stats.rejected = (stats.rejected + list(part["rejected"]))[:LISTED]
+        stats.rejected = _first_by_path(stats.rejected + list(part["rejected"]))
         stats.rejected_count += int(part["rejected_count"])
-        stats.non_finite = (stats.non_finite + list(part["non_finite"]))[:LISTED]
+        stats.non_finite = _first_by_path(stats.non_finite + list(part["non_finite"]))
         stats.non_finite_count += int(part["non_finite_count"])
         if progress:
             post(progress["board"], {"task": progress["task"], "unit": "img", "total": progress.get("total"),

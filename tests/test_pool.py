@@ -228,10 +228,11 @@ def _footer_actors():
 def test_platform_parquet_reads_start_no_footer_actor(ray_session, tmp_path, monkeypatch):
     """The platform's Parquet folders are read through Ray's V1 datasource: all rows, no
     FooterReader actor (Ray 2.60's default V2 read starts 32 for every read; here, one, so the
-    count is seen to move), and the user's DataContext switch is left as it was."""
+    count is seen to move), and the user's DataContext switch is left as it was. The statistics
+    passes read one block per file."""
     import ray.data
 
-    from selftrain.data.parquet import read_parquet
+    from selftrain.data.parquet import read_parquet, read_parquet_per_file
 
     for part in range(3):
         pd.DataFrame({"a": np.arange(10) + 10 * part}).to_parquet(tmp_path / f"{part}.parquet")
@@ -241,6 +242,9 @@ def test_platform_parquet_reads_start_no_footer_actor(ray_session, tmp_path, mon
     rows = read_parquet(str(tmp_path), num_cpus=0.5).map_batches(lambda b: {"a": b["a"] * 2}).to_pandas()
     assert sorted(rows["a"]) == list(range(0, 60, 2))
     assert _footer_actors() == before and context.use_datasource_v2
+    # The statistics passes: one block (one task downstream) per file, where Ray would make 4 here.
+    assert read_parquet(str(tmp_path)).materialize().num_blocks() > 3
+    assert read_parquet_per_file(str(tmp_path)).materialize().num_blocks() == 3
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     assert len(ray.data.read_parquet(str(tmp_path)).map_batches(lambda b: b).to_pandas()) == 30
     assert _footer_actors() == before + 1

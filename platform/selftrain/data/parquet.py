@@ -15,6 +15,7 @@ to gain from footers), so nothing of V2 is lost here.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray.data
@@ -32,3 +33,12 @@ def read_parquet(paths: str | list[str], **kwargs: Any) -> ray.data.Dataset:
         return ray.data.read_parquet(paths, **kwargs)
     finally:
         context.use_datasource_v2 = before
+
+
+def read_parquet_per_file(directory: str, **kwargs: Any) -> ray.data.Dataset:
+    """`read_parquet` of a local folder with one block per file, for passes that do little per row
+    (counts, statistics). Ray's default splits even one small file into two blocks per CPU, and
+    each block is a task: on a 16-CPU node, 32 tasks to count one 8,192-row scores file, which
+    started 16 worker processes (each importing torch) for one second of work."""
+    files = sum(1 for _ in Path(directory).glob("*.parquet"))
+    return read_parquet(directory, override_num_blocks=max(1, files), **kwargs)

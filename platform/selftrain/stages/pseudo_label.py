@@ -20,7 +20,7 @@ import ray.data
 
 from selftrain.config import PseudoLabelConfig
 from selftrain.console import post
-from selftrain.data.parquet import read_parquet
+from selftrain.data.parquet import read_parquet_per_file
 from selftrain.errors import PseudoLabelError
 from selftrain.methods.pseudo_label import default_per_class, targets
 from selftrain.stages.balance import balance
@@ -170,7 +170,7 @@ def select_pseudo_labels(
     as its `tta_name` string. `progress` shows the pass over the scores."""
     if isinstance(meta.get("tta"), (list, tuple)):
         meta = {**meta, "tta": tta_name(meta["tta"])}
-    scores = read_parquet(scores_dir)
+    scores = read_parquet_per_file(scores_dir)
     stats = pool_stats(scores, cfg.threshold, len(classes), progress)
     check_usable(stats, cfg, classes)
     kept = scores.map_batches(_keep, batch_format="pandas", fn_kwargs={"threshold": cfg.threshold})

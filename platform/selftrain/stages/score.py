@@ -32,7 +32,7 @@ from selftrain.console import post
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch, load_batch
 from selftrain.data.listing import SKIPPED
-from selftrain.data.parquet import read_parquet
+from selftrain.data.parquet import read_parquet_per_file
 from selftrain.errors import DataError, raised_in_tasks
 from selftrain.heap import returning_freed_memory, reusing_freed_memory
 from selftrain.methods.pseudo_label import confidence
@@ -322,7 +322,7 @@ def check_scores(scores_dir: str, max_rejected_fraction: float, pool_name: str) 
     if not written.is_dir() or not any(written.glob("*.parquet")):
         raise DataError(f"{pool_name}: the pool holds no image files (nothing was scored)")
     rows, rejected, skipped, examples = 0, 0, 0, []
-    parts = read_parquet(scores_dir).select_columns(["path", "error"]).map_batches(
+    parts = read_parquet_per_file(scores_dir).select_columns(["path", "error"]).map_batches(
         _count, batch_format="pandas")
     for part in parts.iter_rows():  # one small row per block
         rows, rejected = rows + int(part["rows"]), rejected + int(part["rejected"])

@@ -4,7 +4,7 @@ Ray 2.60's `ray.data.read_parquet` lists files through its V2 datasource by defa
 task (one whole CPU, whatever `num_cpus` the read asks for) that starts 32 `FooterReader` actors
 for every read, however few files there are, and kills them after. Each actor is a new Python
 process, and each needs a free CPU to be placed. On a small node that costs seconds per read
-(1.5 s against 3.1 s for three small files on 2 cores, 10-13 s for one scores file on a local Ray
+(1.5 s against 3.1 s for three small files on 2 cores, 10-25 s for one scores file on a local Ray
 of 16 CPUs), and in the full test suite on 2 CPUs it stalled runs: a `ListFiles` task held one CPU
 waiting for footer actors while a Ray Train worker held the other (py-spy on the task).
 

@@ -3,6 +3,8 @@ import torch
 from torchvision.ops import StochasticDepth
 
 from selftrain.errors import ConfigError
+from selftrain.models.backbone import strip_classifier
+from selftrain.models.inference import fold_batchnorm
 from selftrain.models.registry import available_models, build_model, check_student_sizes, parameter_count
 
 
@@ -115,3 +117,72 @@ def test_wrn_student_size_check():
                r"model.teacher=wrn_28_8 \(23,354,842\); a student must be equal or larger")
     with pytest.raises(ConfigError, match=message):
         check_student_sizes("wrn_28_8", ["wrn_28_2"], 10)
+
+
+# --- batch norm folded for inference (`models.inference`) ------------------------------------
+
+def _batch_norms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def _with_trained_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Every batch norm given running statistics and an affine map far from the identity, as a
+    trained model's are: a fold that dropped any of the four would change the outputs."""
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model.eval()
+
+
+# (model, its batch norms, those left: wrn_28_2's 11 pre-activation norms that read a block's input
+# (which the shortcut reads too) and the last one after the final addition; the first block's
+# reads the stem convolution alone and is folded)
+@pytest.mark.parametrize("name,norms,left", [("cnn_tiny", 6, 0), ("resnet18", 20, 0), ("wrn_28_2", 25, 12),
+                                            ("efficientnet_b0", 49, 0)])
+def test_folding_batch_norm_keeps_the_function_and_drops_the_norms(name, norms, left):
+    model = _with_trained_statistics(build_model(name, 10))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        plain = model(x)
+        folded_model = fold_batchnorm(model)
+        folded = folded_model(x)
+    assert (_batch_norms(model), _batch_norms(folded_model)) == (norms, left)
+    assert not folded_model.training
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
+    # The submodules keep their names: the backbone's features are found as in the plain model.
+    with torch.inference_mode():
+        features = strip_classifier(model)[0](x)
+        torch.testing.assert_close(strip_classifier(folded_model)[0](x), features, rtol=1e-4, atol=1e-4)
+    # ... a tolerance that catches a fold which lost the statistics: with them reset, the features move.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+    with torch.inference_mode():
+        assert (model(x) - features).abs().max() > 1e-2
+
+
+class _InputDependent(torch.nn.Module):
+    """A convolution and batch norm behind a branch on the input's values: not traceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+
+def test_a_model_that_cannot_be_traced_is_scored_unfolded_with_a_warning():
+    model = _InputDependent().eval()
+    with pytest.warns(UserWarning, match=r"not folded into _InputDependent's convolutions: it cannot be traced"):
+        assert fold_batchnorm(model) is model
+
+
+def test_folding_refuses_a_model_in_training_mode():
+    with pytest.raises(ValueError, match=r"SmallCNN is in training mode"):
+        fold_batchnorm(build_model("cnn_tiny", 3).train())

@@ -13,6 +13,7 @@ from selftrain.data.decode import decode_image
 from selftrain.data.pool import read_pool
 from selftrain.errors import ConfigError
 from selftrain.methods.pseudo_label import softmax
+from selftrain.models.inference import fold_batchnorm
 from selftrain.models.registry import build_model
 from selftrain.stages import score as score_module
 from selftrain.stages.pseudo_label import select_pseudo_labels
@@ -113,9 +114,11 @@ def test_without_tta_the_logits_are_the_models_own_bit_for_bit(monkeypatch):
     model = build_model("resnet18", 10)
     batch = half_bright_batch()
     batch["image"] = np.random.default_rng(0).integers(0, 256, batch["image"].shape, dtype=np.uint8)
-    out = scorer_with(model, [], monkeypatch)(batch)
-    with torch.inference_mode():  # what TeacherScorer computed before scoring.tta existed
-        before = model(to_model_input(nhwc_to_nchw(torch.from_numpy(batch["image"])))).float().cpu().numpy()
+    scorer = scorer_with(model, [], monkeypatch)
+    out = scorer(batch)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in scorer.model.modules())  # folded (`models.inference`)
+    with torch.inference_mode():  # what TeacherScorer computed before scoring.tta existed, on the same folded model
+        before = fold_batchnorm(model)(to_model_input(nhwc_to_nchw(torch.from_numpy(batch["image"])))).float().cpu().numpy()
     before[-1] = 0.0
     np.testing.assert_array_equal(out["logits"], before)
     assert (out["prediction"][:-1] == before[:-1].argmax(axis=1)).all()

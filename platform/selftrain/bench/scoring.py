@@ -43,6 +43,7 @@ from selftrain.config import ScoringConfig
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import decode_batch
 from selftrain.heap import reusing_freed_memory
+from selftrain.models.inference import fold_batchnorm
 from selftrain.stages.score import TeacherScorer, concurrent_batches, decoded, infer, rows_per_task
 from selftrain.training.loop import load_model
 
@@ -135,7 +136,7 @@ def _bare_loop(model_dir: str, images: np.ndarray, cfg: ScoringConfig, use_gpu: 
     after the next batch is queued, so the device never waits for Python."""
     start = time.perf_counter()
     device = torch.device("cuda" if use_gpu else "cpu")
-    model, _ = load_model(model_dir)
+    model = fold_batchnorm(load_model(model_dir)[0])  # as `TeacherScorer` does
     on_gpu = device.type == "cuda"
     channels_last, amp = cfg.channels_last and on_gpu, cfg.amp and on_gpu
     if channels_last:

@@ -36,6 +36,7 @@ from selftrain.data.parquet import read_parquet_per_file
 from selftrain.errors import DataError, raised_in_tasks
 from selftrain.heap import returning_freed_memory, reusing_freed_memory
 from selftrain.methods.pseudo_label import confidence
+from selftrain.models.inference import fold_batchnorm
 from selftrain.training.loop import load_model
 
 ROWS_PER_SCORES_FILE = 50_000  # Parquet shards of the scores: a 1M-image pool -> ~20 files
@@ -168,6 +169,7 @@ class TeacherScorer:
         reusing_freed_memory()  # Ray Data calls the model from a thread: see `heap`
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.spec = load_model(model_dir)
+        model = fold_batchnorm(model)  # one op less per convolution and batch norm: `models.inference`
         self.on_gpu = self.device.type == "cuda"
         self.channels_last = channels_last and self.on_gpu
         self.amp = amp and self.on_gpu

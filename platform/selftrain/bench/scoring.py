@@ -1,6 +1,7 @@
 """Bench part 1: teacher scoring through the Ray Data pipeline vs a bare loop.
 
-Like with like: the same model (weights saved once, loaded by both sides), batch size, device,
+Like with like: the same model (weights saved once, loaded by both sides, batch norm folded
+into the convolutions on both: `models.inference`), batch size, device,
 image size, AMP and channels_last settings, torch threads (an actor's `cpus_per_actor`), and
 the same decoded uint8 images held in memory (the bare loop in this process, the pipeline in
 Ray's object store, materialised before the clock starts; the bare loop runs just before and

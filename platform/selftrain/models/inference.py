@@ -7,11 +7,13 @@ built of such pairs (ResNet-50: 53), as are the pre-activation WideResNets insid
 The fold is torch's own (`torch.fx.experimental.optimization.fuse`: symbolic tracing, then
 `fuse_conv_bn_eval` per pair).
 
-Both sides of the scoring bench use it (`stages.score.TeacherScorer`, `bench.scoring.bare_loop`).
-On one CPU thread (the scoring actor's default) it scored resnet18 at 32 px 12 % faster,
-wrn_28_2 27 %, efficientnet_b0 10 %, resnet50 at 224 px 4 % (see the README). On a GPU it drops a
-kernel launch per pair, and launching kernels under the GIL is where a GPU scoring actor's
-threads spent a quarter of their time (py-spy on an H200).
+Every scoring actor uses it (`stages.score.TeacherScorer`: the pool pass, the test set,
+`selftrain predict`, the features of `selftrain eval`), and so does the scoring bench's bare
+loop. The bench's bare loop on one CPU thread, median of 5, two rounds: resnet18 at 32 px
+1,488-1,554 -> 1,574-1,599 img/s, wrn_28_2 299-305 -> 311-314, efficientnet_b0 at 64 px
+639-649 -> 789-801 (see the README). On a GPU it drops a kernel launch per pair, and launching
+kernels under the GIL is where a GPU scoring actor's threads spent a quarter of their time
+(py-spy on an H200); not yet measured there.
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ def rows_per_task(cfg: ScoringConfig, image_size: int) -> int:
 
 
 class TeacherScorer:
-    """Callable class for `map_batches`: one model per actor, loaded once.
+    """Callable class for `map_batches`: one model per actor, loaded once, its batch norms
+    folded into the convolutions they follow (`models.inference`).
 
     With `scoring.concurrent_batches` > 1, Ray Data runs that many calls at once in the actor's
     threads. On a GPU each thread has its own CUDA stream and copies its batch through pinned

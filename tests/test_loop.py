@@ -84,3 +84,29 @@ def test_a_backbone_lr_scale_moves_the_backbone_that_much_less_and_the_classifie
     for name, step in moved[1.0].items():
         expected = step if name in head else 0.1 * step
         assert moved[0.1][name] == pytest.approx(expected, rel=1e-3), name  # float32 differences
+
+
+def test_lars_scales_each_weights_step_by_its_trust_ratio_and_leaves_biases_and_norms_to_sgd():
+    import copy
+
+    from selftrain.training.loop import LARS_TRUST, make_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    before = copy.deepcopy(model)
+    lr, wd = 0.5, 1e-2
+    optimizer = make_optimizer(model, {"optimizer": "lars", "lr": lr, "weight_decay": wd})
+    model(torch.randn(6, 4)).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for name, old in before.named_parameters():
+        new, g = dict(model.named_parameters())[name], grads[name]
+        if name in ("0.weight", "2.weight"):  # (g + wd w) * η |w| / (|g| + wd |w|), the first step
+            trust = LARS_TRUST * old.norm() / (g.norm() + wd * old.norm())
+            expected = old - lr * trust * (g + wd * old)
+        else:  # the linear layers' biases, the batch norm's weight and bias: plain SGD, no decay
+            expected = old - lr * g
+        torch.testing.assert_close(new, expected, rtol=1e-5, atol=1e-7, msg=name)
+        assert not torch.equal(new, old), name  # every parameter moved
+    with pytest.raises(ValueError, match="optimizer 'adam': choose sgd or lars"):
+        make_optimizer(model, {"optimizer": "adam", "lr": lr, "weight_decay": wd})

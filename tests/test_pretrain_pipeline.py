@@ -135,14 +135,17 @@ def _table(summary: dict) -> str:
 
 def test_a_pretraining_loss_that_diverges_names_the_pretraining_rate(pretrain_run, digits, capsys):
     """A diverging pretraining run says to lower `pretrain.lr`, the rate it ran at (not the
-    teacher's `train.lr`, which it does not read)."""
+    teacher's `train.lr`, which it does not read). It runs under LARS (`pretrain.optimizer`), so
+    that optimiser also runs once inside Ray Train here (its step is checked in test_loop)."""
     root = pretrain_run["root"]
     with tracking_uri_set(pretrain_run["uri"]):
         code = main(["run", PIPELINE, f"output_dir={root / 'diverged'}", "name=pretrain-diverged",
-                     *digits_overrides(digits), *TINY, "pretrain.lr=1e30"])
+                     *digits_overrides(digits), *TINY, "pretrain.lr=1e30", "pretrain.optimizer=lars"])
     err = capsys.readouterr().err
     assert code == 2
     assert "loss became" in err and "lower pretrain.lr" in err and "train.lr" not in err.replace("pretrain.lr", "")
+    [stage] = experiment_runs(pretrain_run["client"], "pretrain-diverged", "tags.`selftrain.role` = 'pretrain'")
+    assert (stage.data.params["pretrain.optimizer"], stage.info.status) == ("lars", "FAILED")
 
 
 def test_selftrain_eval_scores_a_saved_backbone_by_knn_and_finetuning(pretrain_run, digits, capsys):

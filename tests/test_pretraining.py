@@ -325,3 +325,6 @@ def test_config_names_every_method_and_refuses_unread_knobs():
         build_config({"model": {"init": "pretrain"}})
     assert build_config({"pretrain": {"method": "byol"}}).teacher_init == "pretrain"
     assert build_config({}).teacher_init == "none"
+    assert build_config({"pretrain": {"method": "vicreg", "optimizer": "lars"}}).pretrain.optimizer == "lars"
+    with pytest.raises(ConfigError, match=r"pretrain.optimizer.*'sgd' or 'lars'"):
+        build_config({"pretrain": {"method": "vicreg", "optimizer": "adam"}})

@@ -168,8 +168,12 @@ class PretrainConfig(_Strict):
     method: Literal[PRETRAIN_METHOD_NAMES] = Field(..., description=", ".join(PRETRAIN_METHOD_NAMES))
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=2, description="pool images per step per worker (two views each)")
-    lr: float = Field(0.06, gt=0.0, description="SGD (momentum 0.9) peak learning rate, cosine schedule")
+    lr: float = Field(0.06, gt=0.0, description="peak learning rate, cosine schedule")
     weight_decay: float = Field(5e-4, ge=0.0)
+    optimizer: Literal["sgd", "lars"] = Field(
+        "sgd", description="sgd: momentum 0.9, Nesterov; lars: LARS (You et al. 2017; lightly's), momentum 0.9, "
+        "each weight's step scaled by 0.001 |w| / |g|, biases and norm layers unscaled and not decayed, as "
+        "Barlow Twins and VICReg train")
     steps_per_epoch: int | None = Field(None, ge=1, description="default: one pass over the pool")
     crop_scale_min: float = Field(0.2, gt=0.0, le=1.0, description="smallest random-resized-crop area "
                                   "of a view (SimCLR's CIFAR setting 0.08-0.2; digits need more)")

@@ -64,7 +64,7 @@ def pretrain_model(cfg: PipelineConfig, arch: str, pool_index: dict[str, Any], l
         "online": False, "rows": rows, "split_train": True, "pool_rows": pool_index["rows"],
         "steps_per_epoch": pretrain.steps_per_epoch or max(pool_index["rows"] // (cfg.train.num_workers * pretrain.batch_size), 1),
         "seed": seed, "epochs": pretrain.epochs, "batch_size": pretrain.batch_size, "lr": pretrain.lr,
-        "weight_decay": pretrain.weight_decay, "dropout": 0.0, "stochastic_depth": 0.0,
+        "weight_decay": pretrain.weight_decay, "optimizer": pretrain.optimizer, "dropout": 0.0, "stochastic_depth": 0.0,
         "shuffle_buffer": 0, "amp": cfg.train.amp, "checkpoint_every": cfg.train.checkpoint_every,
         "torch_threads": cfg.train.torch_threads, "final_model_dir": str(out_dir / "model"),
         "knn": knn_monitor(cfg, labeled, test),

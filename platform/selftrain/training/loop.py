@@ -40,6 +40,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from lightly.models.utils import get_weight_decay_parameters
+from lightly.utils.lars import LARS
 
 from selftrain.data.augment import nhwc_to_nchw, to_model_input
 from selftrain.data.decode import load_batch
@@ -284,6 +286,26 @@ def param_groups(model: torch.nn.Module, lr: float, backbone_scale: float) -> li
             {"params": [p for n, p in named if n.startswith(head)], "lr": lr}]
 
 
+LARS_TRUST = 0.001  # LARS's trust coefficient η (You et al. 2017; Barlow Twins' and VICReg's value)
+
+
+def make_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, Nesterov) over `param_groups`, or with `optimizer: lars` (pretraining:
+    `pretrain.optimizer`) lightly's LARS at momentum 0.9: each weight's step scaled by
+    η |w| / (|g| + wd |w|), the losses that sum many terms (Barlow Twins, VICReg) train with it.
+    As in their papers the biases and norm layers' parameters are neither decayed nor scaled:
+    they form a group of weight decay 0, which lightly's LARS leaves to plain momentum SGD."""
+    lr, weight_decay = config["lr"], config["weight_decay"]
+    if config.get("optimizer", "sgd") == "sgd":
+        return torch.optim.SGD(param_groups(model, lr, config.get("backbone_lr_scale", 1.0)),
+                               lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if config["optimizer"] != "lars":
+        raise ValueError(f"optimizer {config['optimizer']!r}: choose sgd or lars")
+    decayed, not_decayed = get_weight_decay_parameters([model])
+    return LARS([{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}], lr=lr, momentum=0.9,
+                weight_decay=weight_decay, trust_coefficient=LARS_TRUST)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -332,8 +354,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The optimizer is built after the model reaches its device, so restored momentum buffers
     # land there too (load_state_dict casts state to the parameters' device).
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    optimizer = torch.optim.SGD(param_groups(model, config["lr"], config.get("backbone_lr_scale", 1.0)),
-                                lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=config["weight_decay"])
+    optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total, warmup=min(per_epoch, total // 10 + 1)))
     start_epoch, history = 0, []

@@ -177,8 +177,9 @@ def test_flip_tta_scores_the_mean_of_the_image_and_its_mirror(ray_session, pools
     np.testing.assert_allclose(softmax(np.stack(tta["logits"])), mean, rtol=0, atol=1e-5)
     np.testing.assert_allclose(tta["confidence"], mean.max(axis=1), rtol=0, atol=1e-5)
 
-    # tta=[]: the teacher's own logits, bit for bit (one batch of 48, as Ray hands it over)
-    model, _ = load_model(model_dir)
+    # tta=[]: the teacher's own logits, bit for bit (one batch of 48, as Ray hands it over), from the
+    # model as every scorer runs it: batch norm folded (`models.inference`)
+    model = fold_batchnorm(load_model(model_dir)[0])
     images = np.stack([decode_image((pool / name).read_bytes(), SIZE) for name in plain["name"]])
     with torch.inference_mode():
         own = model(to_model_input(nhwc_to_nchw(torch.from_numpy(images)))).float().numpy()

@@ -16,12 +16,7 @@ from selftrain.errors import ClusterError
 # stream (every few dozen steps on a small pool) then starts fresh workers that import torch
 # again (28 worker starts in 3 minutes of a FixMatch run on 2 cores). A local run keeps more
 # warm for longer: as many as its half-CPU pool tasks run at once (two per CPU), at least 8.
-#
-# Ray Train V2 starts a PreemptionWatcher actor per training run to poll Ray Core's node-drain
-# state (a spot node being reclaimed). A private local Ray has no node to drain: the actor is a
-# process per run that imports Ray Train and polls for nothing (~1.5 s of CPU per run on 2 cores).
-LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_idle_worker_killing_time_threshold_ms": "60000",
-             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_idle_worker_killing_time_threshold_ms": "60000"}
 MIN_WARM_WORKERS = 8
 # What every node must import to run a pipeline stage.
 REQUIRED_MODULES = ("selftrain", "torch", "torchvision", "mlflow")
